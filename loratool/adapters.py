@@ -1,0 +1,455 @@
+"""Adapter families: which keys a module has, and the one formula for its ΔW.
+
+Roles are the internal vocabulary for a module's tensors:
+
+    lora   down (r,in[,kh,kw]), up (out,r[,1,1]), mid (r,r,kh,kw; LoCon Tucker), alpha, dora_scale
+    loha   hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, hada_t1, hada_t2, alpha, dora_scale
+    lokr   lokr_w1 | lokr_w1_a+lokr_w1_b, lokr_w2 | lokr_w2_a+lokr_w2_b, lokr_t2, alpha, dora_scale
+    full   diff (the whole ΔW), diff_b (bias ΔW)
+
+:func:`delta` is the only place the scale convention ``alpha / rank`` is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import DetectionError, MappingError, listing
+from .layouts import ARCHES, ModuleTarget
+from .layouts.naming import module_index
+
+# Native key suffix → role, per naming. Longest suffix wins when several match.
+KOHYA_SUFFIXES: dict[str, str] = {
+    "lora_down.weight": "down",
+    "lora_up.weight": "up",
+    "lora_mid.weight": "mid",
+    "alpha": "alpha",
+    "dora_scale": "dora_scale",
+    "hada_w1_a": "hada_w1_a",
+    "hada_w1_b": "hada_w1_b",
+    "hada_w2_a": "hada_w2_a",
+    "hada_w2_b": "hada_w2_b",
+    "hada_t1": "hada_t1",
+    "hada_t2": "hada_t2",
+    "lokr_w1": "lokr_w1",
+    "lokr_w1_a": "lokr_w1_a",
+    "lokr_w1_b": "lokr_w1_b",
+    "lokr_w2": "lokr_w2",
+    "lokr_w2_a": "lokr_w2_a",
+    "lokr_w2_b": "lokr_w2_b",
+    "lokr_t2": "lokr_t2",
+    "diff": "diff",
+    "diff_b": "diff_b",
+}
+PEFT_SUFFIXES: dict[str, str] = {
+    "lora_A.weight": "down",
+    "lora_B.weight": "up",
+    "lora_magnitude_vector": "dora_scale",
+    "lora_magnitude_vector.weight": "dora_scale",
+    "alpha": "alpha",
+}
+DIFFUSERS_SUFFIXES: dict[str, str] = {
+    "lora.down.weight": "down",
+    "lora.up.weight": "up",
+    "lora_linear_layer.down.weight": "down",
+    "lora_linear_layer.up.weight": "up",
+    "alpha": "alpha",
+}
+SUFFIXES_BY_NAMING = {"kohya": KOHYA_SUFFIXES, "peft": PEFT_SUFFIXES, "diffusers": DIFFUSERS_SUFFIXES}
+
+
+@dataclass(frozen=True)
+class Family:
+    """An adapter family: its roles, and the role whose presence identifies it."""
+
+    name: str
+    label: str
+    detector: str
+    roles: frozenset[str]
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("lora", "LoRA", "down", frozenset({"down", "up", "mid", "alpha", "dora_scale"})),
+        Family(
+            "loha",
+            "LoHa",
+            "hada_w1_a",
+            frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"}),
+        ),
+        Family(
+            "lokr",
+            "LoKr",
+            "lokr_w1",
+            frozenset(
+                {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha", "dora_scale"}
+            ),
+        ),
+        Family("full", "full diff", "diff", frozenset({"diff", "diff_b"})),
+    )
+}
+
+
+def family_of(roles: Iterable[str]) -> str:
+    """Decide the family of one module from the roles present."""
+    roles = set(roles)
+    if roles & {"down", "up"}:
+        return "lora"
+    if any(r.startswith("hada_") for r in roles):
+        return "loha"
+    if any(r.startswith("lokr_") for r in roles):
+        return "lokr"
+    if roles & {"diff", "diff_b"}:
+        return "full"
+    raise DetectionError(f"cannot tell the adapter family from roles {sorted(roles)}")
+
+
+@dataclass
+class AdapterModule:
+    """One adapter module: its target, family, tensors by role, and native keys by role."""
+
+    target: ModuleTarget
+    family: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def alpha(self) -> float | None:
+        a = self.tensors.get("alpha")
+        return None if a is None else float(a.float().reshape(-1)[0])
+
+    @property
+    def is_dora(self) -> bool:
+        return "dora_scale" in self.tensors
+
+
+def split_key(key: str) -> tuple[str, str, str] | None:
+    """``native key → (module name, role, naming)``, or None when no known suffix matches.
+
+    kohya keys look like ``lora_unet_x.lora_down.weight``; PEFT ``unet.x.lora_A.weight``;
+    diffusers ``unet.x.lora.down.weight``.
+    """
+    best: tuple[str, str, str] | None = None
+    for naming, table in SUFFIXES_BY_NAMING.items():
+        for suffix, role in table.items():
+            if key.endswith("." + suffix):
+                module = key[: -len(suffix) - 1]
+                if best is None or len(suffix) > len(key) - len(best[0]) - 1:
+                    best = (module, role, naming)
+    return best
+
+
+@dataclass
+class AdapterIndex:
+    """Where every key of an adapter file goes: per target module name, role → native key."""
+
+    arch: str
+    naming: str
+    modules: dict[str, dict[str, str]]
+    targets: dict[str, ModuleTarget]
+    families: dict[str, str]
+    unmapped: list[str]
+
+    def require_all_mapped(self, path: str = "", allow_unmapped: bool = False) -> None:
+        if self.unmapped and not allow_unmapped:
+            raise MappingError(
+                f"{path}{': ' if path else ''}{len(self.unmapped)} keys map to no {self.arch} module: "
+                f"{listing(self.unmapped)}",
+                hint="check --arch, or pass --allow-unmapped to ignore them (they are listed, not merged)",
+            )
+
+
+def _native_module_names(module: str, naming: str) -> list[str]:
+    if naming == "kohya":
+        return [module]
+    # PEFT / diffusers names may carry a component prefix in several spellings.
+    names = [module]
+    for old, new in (("unet.", "unet."), ("text_encoder.", "text_encoder."), ("text_encoder_2.", "text_encoder_2.")):
+        if module.startswith(old):
+            names.append(new + module[len(old):])
+    if module.startswith("base_model.model."):
+        names.append("unet." + module[len("base_model.model."):])
+    return names
+
+
+def index_adapter(keys: Iterable[str], arch: str) -> AdapterIndex:
+    """Map every adapter key of a file to (target module, role) for ``arch``.
+
+    Keys with no known suffix or whose module is not in ``arch``'s tables go to ``unmapped``.
+    """
+    index = module_index(arch)
+    modules: dict[str, dict[str, str]] = {}
+    targets: dict[str, ModuleTarget] = {}
+    namings: dict[str, int] = {}
+    unmapped: list[str] = []
+    for key in keys:
+        parsed = split_key(key)
+        if parsed is None:
+            unmapped.append(key)
+            continue
+        module, role, naming = parsed
+        hit = None
+        for name in _native_module_names(module, naming):
+            if name in index:
+                hit = index[name][1]
+                break
+        if hit is None:
+            unmapped.append(key)
+            continue
+        roles = modules.setdefault(hit.name, {})
+        if role in roles:
+            raise MappingError(f"two keys give {hit.name} its {role}: {roles[role]} and {key}")
+        roles[role] = key
+        targets[hit.name] = hit
+        if role != "alpha":
+            namings[naming] = namings.get(naming, 0) + 1
+    families = {}
+    for name, roles in list(modules.items()):
+        if set(roles) <= {"alpha", "dora_scale"}:
+            # an alpha with no factors is a leftover, not a module
+            unmapped.extend(roles.values())
+            del modules[name]
+            del targets[name]
+            continue
+        families[name] = family_of(roles)
+    naming = max(namings, key=namings.get) if namings else "kohya"
+    return AdapterIndex(arch, naming, modules, targets, families, sorted(unmapped))
+
+
+def _prod(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def shapes_fit(family: str, shapes: Mapping[str, tuple[int, ...]], target: ModuleTarget) -> bool:
+    """Do a module's factor shapes fit its target weight? (No tensor data needed.)"""
+    ts = target.target_shape
+    out_f, in_f = ts[0], _prod(ts[1:])
+    in_ch = ts[1] if len(ts) > 1 else 1
+    if family == "lora":
+        down, up = shapes.get("down"), shapes.get("up")
+        if down is None or up is None or len(down) < 2:
+            return False
+        return up[0] == out_f and down[1] == in_ch
+    if family == "loha":
+        a, b = shapes.get("hada_w1_a"), shapes.get("hada_w1_b")
+        if a is None or b is None:
+            return False
+        if "hada_t1" in shapes:
+            return a[1] == out_f and b[1] == in_ch
+        return a[0] == out_f and _prod(b[1:]) == in_f
+    if family == "lokr":
+        w1 = shapes.get("lokr_w1")
+        a = w1[0] if w1 else (shapes.get("lokr_w1_a") or (0,))[0]
+        c = w1[1] if w1 else (shapes.get("lokr_w1_b") or (0, 0))[1]
+        return bool(a and c) and out_f % a == 0 and in_ch % c == 0
+    if family == "full":
+        d = shapes.get("diff")
+        return d is not None and _prod(d) == _prod(ts)
+    return False
+
+
+def fit_count(index: AdapterIndex, specs: Mapping[str, object]) -> int:
+    """How many of the index's modules have factor shapes that fit their targets."""
+    n = 0
+    for name, roles in index.modules.items():
+        shapes = {r: tuple(specs[k].shape) for r, k in roles.items()}
+        if shapes_fit(index.families[name], shapes, index.targets[name]):
+            n += 1
+    return n
+
+
+def best_arch(
+    specs: Mapping[str, object], arches: Iterable[str] = ARCHES
+) -> tuple[str, AdapterIndex, list[tuple[str, float]]]:
+    """Pick the architecture whose module tables map the most keys with fitting shapes.
+
+    Args:
+        specs: key → anything with a ``.shape`` (a :class:`~loratool.source.TensorSpec`).
+
+    Returns:
+        (arch, index, [(arch, score)] best first); score = fraction of keys mapped with fitting shapes.
+
+    Raises:
+        DetectionError: two architectures score the same, or none maps anything.
+    """
+    keys = list(specs)
+    scored = []
+    for arch in arches:
+        idx = index_adapter(keys, arch)
+        fitting = fit_count(idx, specs)
+        mapped_keys = sum(len(r) for r in idx.modules.values())
+        score = (fitting / max(1, len(idx.modules))) * (mapped_keys / max(1, len(keys)))
+        scored.append((score, arch, idx))
+    scored.sort(key=lambda t: -t[0])
+    if scored[0][0] == 0:
+        raise DetectionError(
+            "no SD1/SD2/SDXL module names found among the adapter keys",
+            hint="is this a LoRA for another model family? pass --arch to force one",
+        )
+    if len(scored) > 1 and scored[0][0] == scored[1][0]:
+        raise DetectionError(
+            f"adapter keys fit {scored[0][1]} and {scored[1][1]} equally well",
+            hint="name the base model with --arch sd1|sd2|sdxl",
+        )
+    return scored[0][1], scored[0][2], [(a, round(sc, 4)) for sc, a, _ in scored]
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def rank_of(family: str, t: Mapping[str, torch.Tensor]) -> int | None:
+    """The rank that ``alpha`` is divided by; None when the module has no low-rank factor (scale 1)."""
+    if family == "lora":
+        return int(t["down"].shape[0])
+    if family == "loha":
+        return int(t["hada_w1_b"].shape[0])
+    if family == "lokr":
+        if "lokr_w2_b" in t:
+            return int(t["lokr_w2_b"].shape[0])
+        if "lokr_w1_b" in t:
+            return int(t["lokr_w1_b"].shape[0])
+        return None
+    return None
+
+
+def scale_of(family: str, t: Mapping[str, torch.Tensor]) -> float:
+    """``alpha / rank``; alpha missing ⇒ alpha = rank (scale 1); no low-rank factor ⇒ 1."""
+    rank = rank_of(family, t)
+    if rank is None or "alpha" not in t:
+        return 1.0
+    return float(t["alpha"].float().reshape(-1)[0]) / rank
+
+
+def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rebuild ``W[p, r, ...] = Σ_ij core[i, j, ...] · a[i, p] · b[j, r]`` (LyCORIS Tucker form)."""
+    return torch.einsum("ij...,ip,jr->pr...", core, a, b)
+
+
+def lora_delta(down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
+    """Unscaled ΔW = up @ down for a LoRA / LoCon module.
+
+    Linear: down (r,in), up (out,r) → (out,in). Conv: down (r,in,kh,kw), up (out,r,1,1) →
+    ``ΔW[o,i,:,:] = Σ_r up[o,r]·down[r,i,:,:]``. Tucker (``mid`` (r,r,kh,kw), down (r,in,1,1),
+    up (out,r,1,1)): ``ΔW[o,i,:,:] = Σ_ab up[o,a]·mid[a,b,:,:]·down[b,i]``.
+    """
+    if mid is not None:
+        u = up.reshape(up.shape[0], -1)
+        d = down.reshape(down.shape[0], -1)
+        return torch.einsum("ab...,oa,bi->oi...", mid, u, d)
+    if down.dim() == 2:
+        return up.reshape(up.shape[0], -1) @ down
+    u = up.reshape(up.shape[0], -1)
+    return torch.einsum("or,r...->o...", u, down)
+
+
+def loha_delta(t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """Unscaled LoHa ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b), reshaped to the weight shape.
+
+    With Tucker cores (hada_t1/hada_t2, r,r,kh,kw), each product is rebuilt as
+    ``Σ_ij t[i,j,...]·a[i,out]·b[j,in]`` (a, b stored as r,out and r,in).
+    """
+    if "hada_t1" in t:
+        w1 = _tucker(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"])
+        w2 = _tucker(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
+        return (w1 * w2).reshape(shape)
+    w1 = t["hada_w1_a"] @ t["hada_w1_b"]
+    w2 = t["hada_w2_a"] @ t["hada_w2_b"]
+    return (w1 * w2).reshape(shape)
+
+
+def lokr_delta(t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """Unscaled LoKr ΔW = kron(w1, w2), w1 (a,c), w2 (b,d[,kh,kw]); out = a·b, in = c·d.
+
+    w1 = lokr_w1 or lokr_w1_a @ lokr_w1_b; w2 = lokr_w2, lokr_w2_a @ lokr_w2_b (reshaped to
+    (b, d, kh, kw) for convs), or with ``lokr_t2`` the Tucker rebuild.
+    """
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+    if "lokr_w2" in t:
+        w2 = t["lokr_w2"]
+    elif "lokr_t2" in t:
+        w2 = _tucker(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+    else:
+        w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+    a, c = w1.shape[0], w1.shape[1]
+    b = shape[0] // a
+    rest = shape[1:]
+    d_total = 1
+    for x in rest:
+        d_total *= x
+    w2 = w2.reshape(b, d_total // c)
+    if len(shape) > 2:
+        w2 = w2.reshape(b, shape[1] // c, *shape[2:])
+        w1 = w1.reshape(a, c, *([1] * (len(shape) - 2)))
+    return torch.kron(w1, w2).reshape(shape)
+
+
+def delta(module: AdapterModule, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Scaled ΔW of one module in float32: ``(alpha / rank) · ΔW_family``, shaped like the target.
+
+    DoRA modules (``dora_scale``) need the base weight: use :func:`apply_to_weight`.
+
+    Args:
+        module: the module's tensors by role.
+        shape: the target weight's shape (defaults to the target's ``target_shape``).
+    """
+    t = {k: v.float() for k, v in module.tensors.items()}
+    shape = tuple(shape or module.target.target_shape)
+    if module.family == "lora":
+        d = lora_delta(t["down"], t["up"], t.get("mid"))
+    elif module.family == "loha":
+        d = loha_delta(t, shape)
+    elif module.family == "lokr":
+        d = lokr_delta(t, shape)
+    elif module.family == "full":
+        d = t["diff"]
+    else:
+        raise DetectionError(f"{module.target.name}: unknown family {module.family}")
+    if d.numel() != _numel(shape):
+        raise MappingError(
+            f"{module.target.name}: ΔW has shape {tuple(d.shape)}, target weight is {shape}",
+            hint="the adapter was made for a different model",
+        )
+    return d.reshape(shape) * scale_of(module.family, t)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def apply_to_weight(
+    weight: torch.Tensor,
+    module: AdapterModule,
+    ratio: float,
+    delta_fn: Callable[[AdapterModule, tuple[int, ...]], torch.Tensor] = delta,
+) -> torch.Tensor:
+    """Return ``weight`` (float32, the module's target slice) with the module applied at ``ratio``.
+
+    Plain families: ``W + ratio·(alpha/rank)·ΔW``. DoRA (``dora_scale``):
+    ``W' = m · (W + s·ΔW) / ‖W + s·ΔW‖`` with the norm taken per input column when
+    ``dora_scale`` is (1, in, …) — LyCORIS' default — or per output row when it is (out, 1, …);
+    the ratio then blends ``W + ratio·(W' − W)``.
+    """
+    w = weight.float()
+    d = delta_fn(module, tuple(w.shape))
+    if not module.is_dora:
+        return w + ratio * d
+    m = module.tensors["dora_scale"].float()
+    merged = w + d
+    if m.shape[0] == merged.shape[0] and (m.dim() < 2 or m.shape[1] == 1):
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (merged.dim() - 1)))
+    else:
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
+        norm = norm.reshape(1, -1, *([1] * (merged.dim() - 2)))
+    m = m.reshape(norm.shape)
+    dora = merged * (m / (norm + torch.finfo(torch.float32).eps))
+    return w + ratio * (dora - w)

@@ -1,0 +1,70 @@
+"""The ``loratool`` command group. Each command lives in ``loratool/commands/<name>.py``
+and is imported only when it runs, so ``loratool inspect`` never imports the trainer."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from .errors import LoratoolError
+
+# command name → (module under loratool.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("inspect", "Show what a checkpoint or adapter file is."),
+    "convert": ("convert", "Convert containers, dtypes, LoRA naming and checkpoint layouts."),
+    "merge": ("merge", "Merge LoRAs into a checkpoint, or LoRAs into one LoRA."),
+    "resize": ("resize", "Reduce a LoRA's rank by exact SVD of its factors."),
+    "extract": ("extract", "Extract a LoRA from a fine-tune's difference to its base."),
+    "train": ("train", "Train a LoRA (or fine-tune) on a folder of images."),
+    "sample": ("sample", "Generate an image with the built-in SD1 model (shows a LoRA's effect)."),
+    "demo": ("demo", "Run train → inspect → merge → resize → extract on bundled fixtures."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module = importlib.import_module(f"loratool.commands.{COMMANDS[name][0]}")
+        return module.command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="loratool")
+def cli() -> None:
+    """One tool for Stable Diffusion checkpoints and LoRAs (SD1.x, SD2.x, SDXL).
+
+    Inputs are never modified; outputs are written to a temporary file and renamed.
+    """
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and turn :class:`LoratoolError` into one line + hint, exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="loratool", standalone_mode=False)
+    except LoratoolError as exc:
+        from .render.common import print_error
+
+        print_error(exc)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("Interrupted; no output was written.", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

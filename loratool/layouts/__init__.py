@@ -1,0 +1,121 @@
+"""Architecture layouts as data: checkpoint key tables and LoRA module → target maps.
+
+The tables in ``data/`` were produced by the reference tools themselves (see
+``data/SOURCE.md``). This module only reads them; it never sees tensor values.
+
+Vocabulary:
+    arch      ``sd1`` | ``sd2`` | ``sdxl``
+    address   the key of a target weight in the architecture's single-file (LDM/SGM)
+              checkpoint, e.g. ``model.diffusion_model.input_blocks.1.1.proj_in.weight``;
+              the one name that crosses module boundaries.
+    target    an address plus an optional row slice (fused q/k/v in OpenCLIP ``in_proj_weight``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+from ..source import TensorSpec
+
+ARCHES = ("sd1", "sd2", "sdxl")
+ARCH_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+_FILE_PREFIX = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
+
+
+@dataclass(frozen=True)
+class ModuleTarget:
+    """One adaptable module and the checkpoint weight it changes.
+
+    Attributes:
+        name: kohya module name (``lora_unet_..._to_q``), the prefix of its LoRA keys.
+        kind: layer kind in the network kohya trains: ``linear``, ``conv1x1`` or ``conv3x3``.
+        address: single-file checkpoint key of the changed weight.
+        rows: ``(start, stop)`` along dim 0 when only a slice of a fused weight changes.
+        shape: shape of ``address`` in the checkpoint (the whole fused tensor when ``rows``).
+        diffusers_key: ``component/key`` of the same parameter in a diffusers folder.
+    """
+
+    name: str
+    kind: str
+    address: str
+    rows: tuple[int, int] | None
+    shape: tuple[int, ...]
+    diffusers_key: str
+
+    @property
+    def component(self) -> str:
+        """``unet``, ``text_encoder`` or ``text_encoder_2``."""
+        return self.diffusers_key.split("/", 1)[0]
+
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """Shape of the part of ``address`` that the module's ΔW covers."""
+        if self.rows is None:
+            return self.shape
+        return (self.rows[1] - self.rows[0], *self.shape[1:])
+
+    @property
+    def peft_module(self) -> str:
+        """PEFT / diffusers module path: ``unet.down_blocks.0...to_q`` (component-prefixed, no ``.weight``)."""
+        comp, key = self.diffusers_key.split("/", 1)
+        return f"{comp}.{key.removesuffix('.weight')}"
+
+
+def _read(name: str) -> str:
+    return resources.files(__package__).joinpath("data", name).read_text()
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",")) if text else ()
+
+
+def read_table(name: str) -> dict[str, TensorSpec]:
+    """A ``key<TAB>shape<TAB>dtype`` table from ``data/`` as ``{key: TensorSpec}``."""
+    out: dict[str, TensorSpec] = {}
+    for line in _read(name).splitlines():
+        if not line:
+            continue
+        key, shape, dtype = line.split("\t")
+        out[key] = TensorSpec(_parse_shape(shape), dtype)
+    return out
+
+
+@cache
+def checkpoint_layout(arch: str, naming: str = "ldm") -> dict[str, TensorSpec]:
+    """Every key of a full checkpoint of ``arch`` in ``ldm`` (single file) or ``diffusers`` naming.
+
+    Diffusers keys are ``component/key``. Float dtypes are listed as F16 (an fp16 release).
+    """
+    return read_table(f"{_FILE_PREFIX[arch]}-{naming}.tsv")
+
+
+@cache
+def kohya_modules(arch: str) -> dict[str, ModuleTarget]:
+    """kohya module name → :class:`ModuleTarget` for the kohya default + ``conv_dim`` network."""
+    out: dict[str, ModuleTarget] = {}
+    for line in _read(f"{_FILE_PREFIX[arch]}-lora-kohya-to-ldm.tsv").splitlines():
+        if not line:
+            continue
+        name, kind, address, rows, shape, dkey = line.split("\t")
+        r = tuple(int(x) for x in rows.split(":")) if rows else None
+        out[name] = ModuleTarget(name, kind, address, r, _parse_shape(shape), dkey)  # type: ignore[arg-type]
+    return out
+
+
+@cache
+def adapter_layout(arch: str, naming: str) -> dict[str, TensorSpec]:
+    """Key table of a reference adapter file: naming is ``lora-kohya``, ``lora-peft``, ``lora-diffusers``,
+    ``lycoris-loha`` or ``lycoris-lokr`` (not every naming exists for every arch)."""
+    return read_table(f"{_FILE_PREFIX[arch]}-{naming}.tsv")
+
+
+def adapter_layout_names(arch: str) -> list[str]:
+    prefix = _FILE_PREFIX[arch] + "-"
+    names = []
+    for entry in resources.files(__package__).joinpath("data").iterdir():
+        n = entry.name
+        if n.startswith(prefix) and n.endswith(".tsv") and ("-lora-" in n or "-lycoris-" in n) and "-to-" not in n:
+            names.append(n[len(prefix): -4])
+    return sorted(names)

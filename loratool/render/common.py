@@ -1,0 +1,76 @@
+"""Shared console, progress bar and error rendering (stderr for progress and errors, stdout for results)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from ..errors import LoratoolError
+
+T = TypeVar("T")
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False)
+
+
+def print_error(exc: LoratoolError) -> None:
+    """One line ``error: message``; the hint on the next line. No traceback."""
+    line = " ".join(str(exc.message).split())
+    stderr.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
+    if exc.hint:
+        stderr.print(f"[dim]hint:[/] {escape(exc.hint)}", soft_wrap=True)
+
+
+def print_json(data: object) -> None:
+    """Stable JSON on stdout: sorted keys, two-space indent."""
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def progress(description: str, total: int | None, enabled: bool = True) -> Iterator[callable]:
+    """A rich progress bar on stderr; yields ``advance(n=1, note=None)``."""
+    if not enabled:
+        yield lambda n=1, note=None: None
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("[dim]{task.fields[note]}"),
+    )
+    with Progress(*columns, console=stderr, transient=False) as bar:
+        task = bar.add_task(description, total=total, note="")
+
+        def advance(n: int = 1, note: str | None = None) -> None:
+            if note is not None:
+                bar.update(task, advance=n, note=note)
+            else:
+                bar.advance(task, n)
+
+        yield advance
+
+
+def track(items: Iterable[T], description: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
+    """Iterate with a progress bar on stderr."""
+    items = list(items) if total is None else items
+    with progress(description, total if total is not None else len(items), enabled) as advance:
+        for item in items:
+            yield item
+            advance()

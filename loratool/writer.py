@@ -1,0 +1,233 @@
+"""Streaming safetensors writer: header planned up front, tensors written one at a time.
+
+The layout follows the safetensors format: 8-byte little-endian header length,
+a JSON header (``{key: {dtype, shape, data_offsets}}`` plus ``__metadata__``)
+padded with spaces so data starts 8-byte aligned, then the tensor bytes.
+
+Because the final metadata (hashes, stats) is only known at the end, the header
+is reserved with room to spare and rewritten in place on :meth:`finalize`. The
+output goes to a temporary file in the destination folder and is renamed over
+the target only when complete; any exception removes the temporary file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from . import dtypes
+from .errors import LoratoolError, OutputError
+from .source import TensorSpec
+
+_RESERVE_EXTRA = 64 * 1024
+
+
+def check_output(out: Path, inputs: Iterable[str | os.PathLike] = (), force: bool = False) -> Path:
+    """Refuse an output that is one of the inputs, or exists without ``force``.
+
+    Returns the resolved output path.
+    """
+    out = Path(out)
+    for inp in inputs:
+        ip = Path(inp)
+        if ip.exists() and out.exists() and os.path.samefile(ip, out):
+            raise OutputError(f"output {out} is also an input", hint="write to a new file; inputs are never overwritten")
+        if ip.resolve() == out.resolve():
+            raise OutputError(f"output {out} is also an input", hint="write to a new file; inputs are never overwritten")
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists", hint="pass --force to replace it, or choose another name")
+    if not out.parent.exists():
+        raise OutputError(f"folder {out.parent} does not exist", hint="create it first")
+    return out
+
+
+def _order(specs: Mapping[str, TensorSpec]) -> list[str]:
+    # Larger dtypes first keeps every tensor aligned to its item size, as safetensors does.
+    return sorted(specs, key=lambda k: (-dtypes.itemsize(specs[k].dtype), k))
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor.
+
+    Args:
+        path: final output path (checked with :func:`check_output`).
+        specs: every tensor the file will hold, with shape and dtype name.
+        metadata: string metadata; may be replaced at :meth:`finalize`.
+        inputs: input paths the output must not equal.
+        force: allow replacing an existing output.
+
+    Example:
+        >>> with SafetensorsWriter(out, {"w": TensorSpec((2, 2), "F16")}) as w:  # doctest: +SKIP
+        ...     w.write("w", torch.zeros(2, 2))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: Mapping[str, TensorSpec],
+        metadata: Mapping[str, str] | None = None,
+        inputs: Iterable[str | os.PathLike] = (),
+        force: bool = False,
+    ):
+        self.path = check_output(Path(path), inputs, force)
+        self.specs = dict(specs)
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self._order = _order(self.specs)
+        self._offsets: dict[str, tuple[int, int]] = {}
+        pos = 0
+        for k in self._order:
+            n = self.specs[k].nbytes
+            self._offsets[k] = (pos, pos + n)
+            pos += n
+        self._data_size = pos
+        self._written: set[str] = set()
+        self._hasher_order_ok = True
+        first = self._header_bytes(self.metadata)
+        self._reserved = len(first) + max(_RESERVE_EXTRA, len(first) // 8)
+        self._reserved += (-(8 + self._reserved)) % 8
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._fh = open(self._tmp, "w+b")
+        try:
+            self._fh.truncate(8 + self._reserved + self._data_size)
+        except OSError as exc:
+            self._abort()
+            raise OutputError(f"cannot create {self.path}: {exc.strerror}", hint="free disk space") from None
+        self._done = False
+
+    def _header_bytes(self, metadata: Mapping[str, str]) -> bytes:
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = dict(sorted(metadata.items()))
+        for k in self._order:
+            s = self.specs[k]
+            header[k] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": list(self._offsets[k])}
+        return json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self._reserved
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor; it is cast to the planned dtype, and its shape must match."""
+        if key not in self.specs:
+            raise LoratoolError(f"internal: tensor {key!r} was not planned for {self.path}")
+        if key in self._written:
+            raise LoratoolError(f"internal: tensor {key!r} written twice to {self.path}")
+        spec = self.specs[key]
+        if tuple(tensor.shape) != spec.shape:
+            raise LoratoolError(f"internal: tensor {key!r} has shape {tuple(tensor.shape)}, planned {spec.shape}")
+        t = tensor.detach()
+        want = dtypes.to_torch(spec.dtype)
+        if t.dtype != want:
+            t = t.to(want)
+        t = t.to("cpu").contiguous()
+        start, end = self._offsets[key]
+        if end > start:
+            buf = t.reshape(-1).view(torch.uint8).numpy()
+            try:
+                self._fh.seek(self.data_start + start)
+                self._fh.write(memoryview(buf))
+            except OSError as exc:
+                self._abort()
+                raise OutputError(f"writing {self.path} failed: {exc.strerror}", hint="free disk space and retry") from None
+        self._written.add(key)
+
+    def data_sha256(self) -> str:
+        """sha256 of the tensor data region (kohya's ``sshs_model_hash``), read back from the temp file."""
+        self._fh.flush()
+        h = hashlib.sha256()
+        self._fh.seek(self.data_start)
+        remaining = self._data_size
+        while remaining:
+            chunk = self._fh.read(min(remaining, 1 << 24))
+            if not chunk:
+                break
+            h.update(chunk)
+            remaining -= len(chunk)
+        return h.hexdigest()
+
+    def finalize(self, metadata: Mapping[str, str] | None = None) -> Path:
+        """Write the header (with ``metadata`` if given), flush, and rename into place."""
+        missing = [k for k in self._order if k not in self._written]
+        if missing:
+            self._abort()
+            raise LoratoolError(f"internal: {len(missing)} planned tensors never written, e.g. {missing[0]}")
+        if metadata is not None:
+            self.metadata = {str(k): str(v) for k, v in metadata.items()}
+        header = self._header_bytes(self.metadata)
+        try:
+            if len(header) <= self._reserved:
+                header = header + b" " * (self._reserved - len(header))
+                self._fh.seek(0)
+                self._fh.write(struct.pack("<Q", len(header)))
+                self._fh.write(header)
+            else:
+                self._rewrite_with_header(header)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
+            self._abort()
+            raise OutputError(f"writing {self.path} failed: {exc.strerror}", hint="free disk space and retry") from None
+        self._done = True
+        return self.path
+
+    def _rewrite_with_header(self, header: bytes) -> None:
+        header = header + b" " * ((-(8 + len(header))) % 8)
+        tmp2 = self._tmp.with_name(self._tmp.name + "2")
+        with open(tmp2, "wb") as out:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            self._fh.seek(self.data_start)
+            while chunk := self._fh.read(1 << 24):
+                out.write(chunk)
+        self._fh.close()
+        os.replace(tmp2, self._tmp)
+        self._fh = open(self._tmp, "r+b")
+
+    def _abort(self) -> None:
+        try:
+            if not self._fh.closed:
+                self._fh.close()
+        except (AttributeError, OSError):
+            pass
+        try:
+            self._tmp.unlink()
+        except OSError:
+            pass
+        self._done = True
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._abort()
+        elif not self._done:
+            self.finalize()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_done", True):
+            self._abort()
+
+
+def save_tensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
+    force: bool = False,
+) -> Path:
+    """Write an in-memory dict of tensors (small files: LoRAs, fixtures) through the same writer."""
+    specs = {k: TensorSpec(tuple(v.shape), dtypes.name_of(v.dtype)) for k, v in tensors.items()}
+    with SafetensorsWriter(path, specs, metadata, inputs, force) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+        return w.finalize()
