@@ -47,9 +47,19 @@ def check_output(out: Path, inputs: Iterable[str | os.PathLike] = (), force: boo
     return out
 
 
+# safetensors orders tensor data by its Dtype enum, descending, then by name. Using the same order
+# keeps every tensor aligned and makes our data region byte-identical to ``safetensors.torch.save``'s
+# (so kohya's ``sshs_model_hash``, a hash of that region, agrees).
+_SAFETENSORS_DTYPE_RANK = {
+    name: i
+    for i, name in enumerate(
+        ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
+    )
+}
+
+
 def _order(specs: Mapping[str, TensorSpec]) -> list[str]:
-    # Larger dtypes first keeps every tensor aligned to its item size, as safetensors does.
-    return sorted(specs, key=lambda k: (-dtypes.itemsize(specs[k].dtype), k))
+    return sorted(specs, key=lambda k: (-_SAFETENSORS_DTYPE_RANK[specs[k].dtype], k))
 
 
 class SafetensorsWriter:
