@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import DetectionError, MappingError, listing
-from .layouts import ARCHES, ModuleTarget
+from .layouts import ARCHES, ModuleTarget, shrink_shape
 from .layouts.naming import module_index
 
 # Native key suffix → role, per naming. Longest suffix wins when several match.
@@ -227,9 +227,9 @@ def _prod(shape: Iterable[int]) -> int:
     return n
 
 
-def shapes_fit(family: str, shapes: Mapping[str, tuple[int, ...]], target: ModuleTarget) -> bool:
-    """Do a module's factor shapes fit its target weight? (No tensor data needed.)"""
-    ts = target.target_shape
+def shapes_fit(family: str, shapes: Mapping[str, tuple[int, ...]], target: ModuleTarget, factor: int = 1) -> bool:
+    """Do a module's factor shapes fit its target weight (shrunk by ``factor``)? No tensor data needed."""
+    ts = shrink_shape(target.target_shape, factor)
     out_f, in_f = ts[0], _prod(ts[1:])
     in_ch = ts[1] if len(ts) > 1 else 1
     if family == "lora":
@@ -255,12 +255,34 @@ def shapes_fit(family: str, shapes: Mapping[str, tuple[int, ...]], target: Modul
     return False
 
 
-def fit_count(index: AdapterIndex, specs: Mapping[str, object]) -> int:
+def _out_dim(family: str, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    if family == "lora" and "up" in shapes:
+        return shapes["up"][0]
+    if family == "loha" and "hada_w1_a" in shapes and "hada_t1" not in shapes:
+        return shapes["hada_w1_a"][0]
+    if family == "full" and "diff" in shapes:
+        return shapes["diff"][0]
+    return None
+
+
+def shrink_factor(index: AdapterIndex, specs: Mapping[str, object]) -> int:
+    """The uniform factor by which a file's shapes are smaller than the layout's (1 for real files)."""
+    votes: dict[int, int] = {}
+    for name, roles in index.modules.items():
+        shapes = {r: tuple(specs[k].shape) for r, k in roles.items()}
+        out = _out_dim(index.families[name], shapes)
+        full = index.targets[name].target_shape[0]
+        if out and full >= 64 and full % out == 0:
+            votes[full // out] = votes.get(full // out, 0) + 1
+    return max(votes, key=lambda f: (votes[f], f == 1)) if votes else 1
+
+
+def fit_count(index: AdapterIndex, specs: Mapping[str, object], factor: int = 1) -> int:
     """How many of the index's modules have factor shapes that fit their targets."""
     n = 0
     for name, roles in index.modules.items():
         shapes = {r: tuple(specs[k].shape) for r, k in roles.items()}
-        if shapes_fit(index.families[name], shapes, index.targets[name]):
+        if shapes_fit(index.families[name], shapes, index.targets[name], factor):
             n += 1
     return n
 
@@ -283,7 +305,7 @@ def best_arch(
     scored = []
     for arch in arches:
         idx = index_adapter(keys, arch)
-        fitting = fit_count(idx, specs)
+        fitting = fit_count(idx, specs, shrink_factor(idx, specs))
         mapped_keys = sum(len(r) for r in idx.modules.values())
         score = (fitting / max(1, len(idx.modules))) * (mapped_keys / max(1, len(keys)))
         scored.append((score, arch, idx))
@@ -453,3 +475,58 @@ def apply_to_weight(
     m = m.reshape(norm.shape)
     dora = merged * (m / (norm + torch.finfo(torch.float32).eps))
     return w + ratio * (dora - w)
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter file resolved against one architecture: every module with its tensors."""
+
+    arch: str
+    naming: str
+    modules: dict[str, AdapterModule]
+    unmapped: list[str]
+    scores: list[tuple[str, float]]
+    metadata: dict[str, str]
+
+    @property
+    def families(self) -> set[str]:
+        return {m.family for m in self.modules.values()}
+
+
+def load_adapter(source, arch: str | None = None, allow_unmapped: bool = False) -> LoadedAdapter:
+    """Read every module of an adapter source (any naming) into memory, resolved to targets.
+
+    Args:
+        source: a :class:`~loratool.source.TensorSource` of a LoRA/LyCORIS file.
+        arch: force ``sd1`` / ``sd2`` / ``sdxl`` instead of detecting it from keys and shapes.
+        allow_unmapped: keep going when some keys map to no module (they are listed in ``unmapped``).
+
+    Raises:
+        DetectionError: the architecture is ambiguous or nothing maps.
+        MappingError: keys map nowhere (unless ``allow_unmapped``), or factor shapes do not fit a target.
+    """
+    specs = {k: source.spec(k) for k in source.keys()}
+    if arch is None:
+        arch, index, scores = best_arch(specs)
+    else:
+        index = index_adapter(list(specs), arch)
+        scores = [(arch, 1.0)]
+    index.require_all_mapped(str(source.path), allow_unmapped)
+    modules: dict[str, AdapterModule] = {}
+    misfit = []
+    factor = shrink_factor(index, specs)
+    for name, roles in index.modules.items():
+        fam = index.families[name]
+        shapes = {r: tuple(specs[k].shape) for r, k in roles.items()}
+        if not shapes_fit(fam, shapes, index.targets[name], factor):
+            misfit.append(f"{name} {shapes} vs {index.targets[name].target_shape}")
+            continue
+        modules[name] = AdapterModule(
+            index.targets[name], fam, {r: source.get(k) for r, k in roles.items()}, dict(roles)
+        )
+    if misfit:
+        raise MappingError(
+            f"{source.path}: {len(misfit)} modules do not fit the {arch} weights: {listing(misfit, 3)}",
+            hint="the adapter is for another architecture; check --arch",
+        )
+    return LoadedAdapter(arch, index.naming, modules, index.unmapped, scores, dict(source.metadata))

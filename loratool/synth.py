@@ -17,21 +17,10 @@ from pathlib import Path
 import torch
 
 from . import dtypes
-from .layouts import ModuleTarget, checkpoint_layout
+from .layouts import ModuleTarget, checkpoint_layout, shrink_shape
 from .layouts.naming import all_modules
 from .source import TensorSpec
 from .writer import SafetensorsWriter
-
-
-def shrink(d: int, factor: int) -> int:
-    """Shrink one dimension: model dims (≥ 64, divisible by ``factor``) are divided, others kept."""
-    if factor > 1 and d >= 64 and d % factor == 0:
-        return d // factor
-    return d
-
-
-def shrink_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
-    return tuple(shrink(d, factor) for d in shape)
 
 
 def _generator(seed: int, key: str) -> torch.Generator:

@@ -63,6 +63,21 @@ class ModuleTarget:
         return f"{comp}.{key.removesuffix('.weight')}"
 
 
+def shrink(d: int, factor: int) -> int:
+    """Shrink one dimension for small test files: model dims (≥ 64, divisible by ``factor``) are divided.
+
+    Real files have ``factor`` 1. Shape checks that compare an adapter with the layout tables
+    accept one uniform factor per file, so shrunken fixtures behave like real files.
+    """
+    if factor > 1 and d >= 64 and d % factor == 0:
+        return d // factor
+    return d
+
+
+def shrink_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
+    return tuple(shrink(d, factor) for d in shape)
+
+
 def _read(name: str) -> str:
     return resources.files(__package__).joinpath("data", name).read_text()
 
