@@ -287,27 +287,54 @@ def fit_count(index: AdapterIndex, specs: Mapping[str, object], factor: int = 1)
     return n
 
 
+def arch_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    """The base architecture a training tool recorded (kohya ``ss_base_model_version`` / ``ss_v2``, modelspec)."""
+    version = (metadata.get("ss_base_model_version") or "").lower()
+    arch_field = (metadata.get("modelspec.architecture") or "").lower()
+    if version.startswith("sdxl") or arch_field.startswith("stable-diffusion-xl"):
+        return "sdxl"
+    if version.startswith("sd_v2") or arch_field.startswith("stable-diffusion-v2"):
+        return "sd2"
+    if version.startswith("sd_v1") or arch_field.startswith("stable-diffusion-v1"):
+        return "sd1"
+    v2 = (metadata.get("ss_v2") or "").lower()
+    if v2 == "true":
+        return "sd2"
+    if v2 == "false" and metadata.get("ss_sd_model_name") is not None:
+        return "sd1"
+    return None
+
+
 def best_arch(
-    specs: Mapping[str, object], arches: Iterable[str] = ARCHES
+    specs: Mapping[str, object], arches: Iterable[str] = ARCHES, metadata: Mapping[str, str] | None = None
 ) -> tuple[str, AdapterIndex, list[tuple[str, float]]]:
-    """Pick the architecture whose module tables map the most keys with fitting shapes.
+    """Pick the architecture an adapter is for, from its key names, shapes and metadata.
+
+    Evidence, strongest first: the share of keys whose names map to a module of the arch;
+    the share of modules whose factor shapes fit their target weights (up to one uniform shrink
+    factor); the base model the training tool recorded in the metadata (a small bonus that
+    separates SD1 from SD2 when only UNet modules with foreign sizes are present).
 
     Args:
         specs: key → anything with a ``.shape`` (a :class:`~loratool.source.TensorSpec`).
+        metadata: the file's metadata, if any.
 
     Returns:
-        (arch, index, [(arch, score)] best first); score = fraction of keys mapped with fitting shapes.
+        (arch, index, [(arch, score)] best first), scores in [0, 1.1].
 
     Raises:
         DetectionError: two architectures score the same, or none maps anything.
     """
     keys = list(specs)
+    recorded = arch_from_metadata(metadata or {})
     scored = []
     for arch in arches:
         idx = index_adapter(keys, arch)
         fitting = fit_count(idx, specs, shrink_factor(idx, specs))
         mapped_keys = sum(len(r) for r in idx.modules.values())
-        score = (fitting / max(1, len(idx.modules))) * (mapped_keys / max(1, len(keys)))
+        name_score = mapped_keys / max(1, len(keys))
+        shape_score = fitting / max(1, len(idx.modules))
+        score = name_score * (0.5 + 0.5 * shape_score) + (0.1 if recorded == arch and name_score else 0.0)
         scored.append((score, arch, idx))
     scored.sort(key=lambda t: -t[0])
     if scored[0][0] == 0:
@@ -315,7 +342,7 @@ def best_arch(
             "no SD1/SD2/SDXL module names found among the adapter keys",
             hint="is this a LoRA for another model family? pass --arch to force one",
         )
-    if len(scored) > 1 and scored[0][0] == scored[1][0]:
+    if len(scored) > 1 and abs(scored[0][0] - scored[1][0]) < 1e-9:
         raise DetectionError(
             f"adapter keys fit {scored[0][1]} and {scored[1][1]} equally well",
             hint="name the base model with --arch sd1|sd2|sdxl",
@@ -507,7 +534,7 @@ def load_adapter(source, arch: str | None = None, allow_unmapped: bool = False) 
     """
     specs = {k: source.spec(k) for k in source.keys()}
     if arch is None:
-        arch, index, scores = best_arch(specs)
+        arch, index, scores = best_arch(specs, metadata=source.metadata)
     else:
         index = index_adapter(list(specs), arch)
         scores = [(arch, 1.0)]

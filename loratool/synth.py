@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from . import dtypes
-from .layouts import ModuleTarget, checkpoint_layout, shrink_shape
-from .layouts.naming import all_modules
+from .layouts import ModuleTarget, checkpoint_layout, kohya_modules, shrink_shape
 from .source import TensorSpec
 from .writer import SafetensorsWriter
 
@@ -112,7 +111,7 @@ def iter_lora(
     ``naming``: ``kohya`` (lora_down/lora_up/alpha), ``peft`` (lora_A/lora_B, no alpha) or
     ``diffusers`` (lora.down / lora_linear_layer.down, no alpha). Up weights are non-zero so ΔW ≠ 0.
     """
-    targets = modules if modules is not None else all_modules(arch)
+    targets = modules if modules is not None else kohya_modules(arch)
     for target in targets.values():
         if target.component not in components:
             continue
