@@ -21,6 +21,11 @@ TORCH_BY_NAME: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+# Types newer torch builds know; safetensors headers may name them too.
+_EXTRA = (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E8M0", "float8_e8m0fnu"), ("C64", "complex64"))
+for _name, _attr in _EXTRA:
+    if hasattr(torch, _attr):
+        TORCH_BY_NAME[_name] = getattr(torch, _attr)
 NAME_BY_TORCH: dict[torch.dtype, str] = {v: k for k, v in TORCH_BY_NAME.items()}
 FLOAT_NAMES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 

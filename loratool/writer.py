@@ -53,7 +53,8 @@ def check_output(out: Path, inputs: Iterable[str | os.PathLike] = (), force: boo
 _SAFETENSORS_DTYPE_RANK = {
     name: i
     for i, name in enumerate(
-        ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
+        ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64",
+         "F64", "I64", "U64"]
     )
 }
 
