@@ -1,0 +1,491 @@
+"""Full-checkpoint conversion: single file (LDM/SGM keys) ↔ diffusers folder, streamed tensor by tensor.
+
+The plan comes from :func:`loratool.layouts.checkpoint.checkpoint_links`: every output tensor
+names its input(s) and transform before anything is read, every source key is either used,
+dropped for a documented reason (one-sided keys such as schedule buffers), or reported as
+unknown (a :class:`MappingError` unless ``allow_unmapped``). Values are never changed except by
+the link's transform (row slice / concatenation, 1x1-conv ↔ linear reshape, transpose) and the
+optional dtype cast, so ``ldm → diffusers → ldm`` gives back the same bytes for every key that
+exists on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import dtypes
+from .detect import detect_checkpoint
+from .errors import LoratoolError, MappingError, OutputError, listing
+from .layouts import checkpoint_layout
+from .layouts.checkpoint import KeyLink, checkpoint_links, linked_shape, one_sided_reason, scaled_rows
+from .source import TensorSpec, open_file
+from .writer import SafetensorsWriter
+
+DIFFUSERS_VERSION = "0.32.1"  # the diffusers release whose folder layout the tables follow
+_WEIGHT_FILES = {
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+    "text_encoder_2": "model.safetensors",
+}
+_COMPONENT_ORDER = ("unet", "text_encoder", "text_encoder_2", "vae")
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class CheckpointConvertReport:
+    """What a conversion did.
+
+    Attributes:
+        source, out: paths as given.
+        arch: ``sd1`` | ``sd2`` | ``sdxl``.
+        source_naming, to: ``ldm`` or ``diffusers``.
+        dtype: output float dtype (safetensors name) or None when kept.
+        written: number of tensors written.
+        bytes_written: size of the tensor data written.
+        dropped: (source key, reason) of one-sided keys that have no place in the output.
+        missing: output keys not written because the source lacks their input (e.g. a UNet-only file).
+        unmapped: unknown source keys left out (only with ``allow_unmapped``).
+        omitted: (key, reason) of keys the output layout can hold but that are never fabricated
+            (e.g. LDM schedule buffers and SD2's ``resblocks.23`` when writing a single file).
+        transforms: count of written tensors per transform (``rows``, ``conv1x1_linear``, ``transpose``).
+        files: output files written (relative to ``out`` for a folder).
+    """
+
+    source: str
+    out: str
+    arch: str
+    source_naming: str
+    to: str
+    dtype: str | None
+    written: int
+    bytes_written: int
+    dropped: tuple[tuple[str, str], ...]
+    missing: tuple[str, ...]
+    unmapped: tuple[str, ...]
+    omitted: tuple[tuple[str, str], ...] = ()
+    transforms: dict[str, int] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One output tensor: its key, spec and the links that produce it (several for a fused tensor)."""
+
+    key: str
+    spec: TensorSpec
+    links: tuple[KeyLink, ...]
+
+
+def convert_checkpoint(
+    source,
+    out: Path,
+    to: str,
+    arch: str | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    on_progress: Progress | None = None,
+    allow_unmapped: bool = False,
+) -> CheckpointConvertReport:
+    """Convert a full SD1/SD2/SDXL checkpoint between single-file and diffusers-folder layouts.
+
+    Args:
+        source: a path (file or diffusers folder) or an open lazy source (``open_file``).
+        out: ``.safetensors`` file for ``to="ldm"``; folder for ``to="diffusers"``.
+        to: ``ldm`` (single file with LDM/SGM keys) or ``diffusers`` (pipeline folder).
+        arch: force ``sd1``/``sd2``/``sdxl`` instead of detecting it.
+        dtype: cast float tensors (``fp16``, ``bf16``, ``F32`` ...); integers are kept.
+        force: replace an existing output (never an input).
+        on_progress: called as ``on_progress(done, total, key)`` after each tensor.
+        allow_unmapped: leave unknown source keys out (listed in the report) instead of raising.
+
+    Returns:
+        A :class:`CheckpointConvertReport`.
+
+    Raises:
+        MappingError: unknown source keys (without ``allow_unmapped``), or a fused q/k/v group
+            that is only partly present.
+        DetectionError: the keys fit no known layout.
+        OutputError: the output exists (without ``force``) or is the input.
+
+    Example:
+        >>> convert_checkpoint("fixtures/sd15-tiny.safetensors", Path("/tmp/sd15-folder"), "diffusers")  # doctest: +SKIP
+    """
+    if to not in ("ldm", "diffusers"):
+        raise LoratoolError(f"unknown target layout {to!r}", hint="use ldm (single file) or diffusers (folder)")
+    out_dtype = dtypes.parse_cli(dtype) if dtype else None
+    own = not hasattr(source, "keys")
+    src = open_file(source) if own else source
+    try:
+        specs = {k: src.spec(k) for k in src.keys()}
+        match = detect_checkpoint(specs, arch)
+        if match.naming == to:
+            raise LoratoolError(
+                f"{src.path} is already a {'single-file' if to == 'ldm' else 'diffusers'} checkpoint",
+                hint="pick the other --to, or use a dtype/copy command to re-save it",
+            )
+        plan, dropped, missing, unmapped = _plan(match.arch, specs, to, out_dtype)
+        if unmapped and not allow_unmapped:
+            raise MappingError(
+                f"{src.path}: {len(unmapped)} keys are not part of an {match.arch} checkpoint: {listing(unmapped)}",
+                hint="check --arch; pass --allow-unmapped to leave them out (they are listed in the report)",
+            )
+        if not plan:
+            raise MappingError(f"{src.path}: nothing to convert", hint="is this a full SD checkpoint?")
+        inputs = [src.path]
+        if to == "ldm":
+            files, nbytes = _write_single(src, Path(out), plan, inputs, force, on_progress)
+        else:
+            files, nbytes = _write_folder(src, Path(out), plan, match.arch, inputs, force, on_progress)
+    finally:
+        if own:
+            src.close()
+    transforms: dict[str, int] = {}
+    for item in plan:
+        for t in {("rows" if lk.rows else lk.transform) for lk in item.links} - {None}:
+            transforms[t] = transforms.get(t, 0) + 1
+    return CheckpointConvertReport(
+        source=str(src.path),
+        out=str(out),
+        arch=match.arch,
+        source_naming=match.naming,
+        to=to,
+        dtype=out_dtype,
+        written=len(plan),
+        bytes_written=nbytes,
+        dropped=tuple(dropped),
+        missing=tuple(missing),
+        unmapped=tuple(unmapped),
+        omitted=tuple(sorted(_one_sided_table(match.arch, to).items())),
+        transforms=dict(sorted(transforms.items())),
+        files=tuple(files),
+    )
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _one_sided_table(arch: str, naming: str) -> dict[str, str]:
+    links = checkpoint_links(arch)
+    return links.ldm_only if naming == "ldm" else links.diffusers_only
+
+
+def _cast(spec: TensorSpec, out_dtype: str | None) -> str:
+    return out_dtype if out_dtype and spec.dtype in dtypes.FLOAT_NAMES else spec.dtype
+
+
+def _plan(
+    arch: str, specs: dict[str, TensorSpec], to: str, out_dtype: str | None
+) -> tuple[list[_Item], list[tuple[str, str]], list[str], list[str]]:
+    links = checkpoint_links(arch)
+    source_naming = "diffusers" if to == "ldm" else "ldm"
+    used = set(links.by_diffusers) if to == "ldm" else set(links.by_ldm)
+    dropped: list[tuple[str, str]] = []
+    unmapped: list[str] = []
+    for key in specs:
+        if key in used:
+            continue
+        why = one_sided_reason(arch, key, source_naming)
+        if why is None:
+            unmapped.append(key)
+        else:
+            dropped.append((key, why))
+    full = checkpoint_layout(arch, "ldm")
+    plan: list[_Item] = []
+    missing: list[str] = []
+    if to == "diffusers":
+        for lk in links.links:
+            spec = specs.get(lk.ldm_key)
+            if spec is None:
+                missing.append(lk.diffusers_key)
+                continue
+            shape = linked_shape(lk, spec.shape, full[lk.ldm_key].shape)
+            plan.append(_Item(lk.diffusers_key, TensorSpec(shape, _cast(spec, out_dtype)), (lk,)))
+        plan.sort(key=lambda it: (_COMPONENT_ORDER.index(it.key.split("/", 1)[0]), it.key))
+        return plan, dropped, missing, unmapped
+    for ldm_key, group in links.by_ldm.items():
+        present = [lk for lk in group if lk.diffusers_key in specs]
+        if not present:
+            missing.append(ldm_key)
+            continue
+        if len(present) < len(group):
+            lacking = [lk.diffusers_key for lk in group if lk.diffusers_key not in specs]
+            raise MappingError(
+                f"{ldm_key} is fused from {len(group)} tensors but the source lacks {listing(lacking)}",
+                hint="the diffusers folder is incomplete; q, k and v projections must all be present",
+            )
+        first = specs[group[0].diffusers_key]
+        if group[0].rows is not None:
+            shape = (sum(specs[lk.diffusers_key].shape[0] for lk in group), *first.shape[1:])
+        elif group[0].transform == "conv1x1_linear":
+            shape = (*first.shape, 1, 1)
+        elif group[0].transform == "transpose":
+            shape = tuple(reversed(first.shape))
+        else:
+            shape = first.shape
+        plan.append(_Item(ldm_key, TensorSpec(tuple(shape), _cast(first, out_dtype)), group))
+    return plan, dropped, missing, unmapped
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+class _Reader:
+    """Reads source tensors; keeps the last one so q, k, v slices of a fused tensor cost one read."""
+
+    def __init__(self, src):
+        self.src = src
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self.src.get(key))
+        return self._last[1]
+
+
+def _to_diffusers(reader: _Reader, lk: KeyLink, arch: str) -> torch.Tensor:
+    """diffusers tensor of ``lk``: ``W[rows]``, ``W[:, :, 0, 0]`` (1x1 conv → linear) or ``W.T``."""
+    w = reader.get(lk.ldm_key)
+    if lk.rows is not None:
+        start, stop = scaled_rows(lk.rows, checkpoint_layout(arch, "ldm")[lk.ldm_key].shape[0], w.shape[0])
+        return w[start:stop]
+    if lk.transform == "conv1x1_linear":
+        return w.reshape(w.shape[0], w.shape[1])
+    if lk.transform == "transpose":
+        return w.t()
+    return w
+
+
+def _to_ldm(reader: _Reader, group: tuple[KeyLink, ...]) -> torch.Tensor:
+    """single-file tensor of a link group: ``cat([q, k, v])``, ``W[:, :, None, None]`` or ``W.T``."""
+    if group[0].rows is not None:
+        return torch.cat([reader.get(lk.diffusers_key) for lk in group], dim=0)
+    w = reader.get(group[0].diffusers_key)
+    if group[0].transform == "conv1x1_linear":
+        return w.reshape(*w.shape, 1, 1)
+    if group[0].transform == "transpose":
+        return w.t()
+    return w
+
+
+def _write_single(src, out: Path, plan: list[_Item], inputs, force: bool, on_progress: Progress | None) -> tuple[list[str], int]:
+    specs = {it.key: it.spec for it in plan}
+    reader = _Reader(src)
+    total = len(plan)
+    with SafetensorsWriter(out, specs, {"format": "pt"}, inputs=inputs, force=force) as w:
+        for done, it in enumerate(plan, 1):
+            w.write(it.key, _to_ldm(reader, it.links))
+            if on_progress:
+                on_progress(done, total, it.key)
+        w.finalize()
+    return [out.name], sum(s.nbytes for s in specs.values())
+
+
+def _write_folder(
+    src, out: Path, plan: list[_Item], arch: str, inputs, force: bool, on_progress: Progress | None
+) -> tuple[list[str], int]:
+    for inp in inputs:
+        ip = Path(inp).resolve()
+        if ip == out.resolve() or out.resolve() in ip.parents:
+            raise OutputError(f"output {out} contains the input {inp}", hint="write to a new folder; inputs are never changed")
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists", hint="pass --force to replace it, or choose another name")
+    if not out.parent.exists():
+        raise OutputError(f"folder {out.parent} does not exist", hint="create it first")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        files = _fill_folder(src, tmp, plan, arch, on_progress)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files, sum(it.spec.nbytes for it in plan)
+
+
+def _fill_folder(src, root: Path, plan: list[_Item], arch: str, on_progress: Progress | None) -> list[str]:
+    by_comp: dict[str, list[_Item]] = {}
+    for it in plan:
+        by_comp.setdefault(it.key.split("/", 1)[0], []).append(it)
+    reader = _Reader(src)
+    total, done = len(plan), 0
+    files: list[str] = []
+    for comp, items in by_comp.items():
+        (root / comp).mkdir()
+        specs = {it.key.split("/", 1)[1]: it.spec for it in items}
+        path = root / comp / _WEIGHT_FILES[comp]
+        with SafetensorsWriter(path, specs, {"format": "pt"}) as w:
+            for it in items:
+                (lk,) = it.links
+                w.write(it.key.split("/", 1)[1], _to_diffusers(reader, lk, arch))
+                done += 1
+                if on_progress:
+                    on_progress(done, total, it.key)
+            w.finalize()
+        config = _component_config(arch, comp, specs)
+        (root / comp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        files += [f"{comp}/{path.name}", f"{comp}/config.json"]
+    index = _model_index(arch, list(by_comp))
+    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    files.append("model_index.json")
+    return files
+
+
+# ----------------------------------------------------------------------------- configs
+
+_TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_UNET_FIXED = {
+    "sd1": {"attention_head_dim": 8, "sample_size": 64},
+    "sd2": {"attention_head_dim": [5, 10, 20, 20], "sample_size": 96},
+    "sdxl": {"attention_head_dim": [5, 10, 20], "sample_size": 128, "addition_embed_type": "text_time",
+             "addition_time_embed_dim": 256},
+}
+_TEXT_FIXED = {
+    ("sd1", "text_encoder"): ("CLIPTextModel", 12, "quick_gelu", 768),
+    ("sd2", "text_encoder"): ("CLIPTextModel", 16, "gelu", 512),
+    ("sdxl", "text_encoder"): ("CLIPTextModel", 12, "quick_gelu", 768),
+    ("sdxl", "text_encoder_2"): ("CLIPTextModelWithProjection", 20, "gelu", 1280),
+}
+_VAE_FIXED = {"sd1": (512, 0.18215), "sd2": (768, 0.18215), "sdxl": (1024, 0.13025)}
+
+
+def _count(specs: dict[str, TensorSpec], prefix: str, suffix: str) -> int:
+    return len({k[len(prefix):].split(".", 1)[0] for k in specs if k.startswith(prefix) and k.endswith(suffix)})
+
+
+def _dtype_of(specs: dict[str, TensorSpec]) -> str:
+    floats = [s.dtype for s in specs.values() if s.dtype in _TORCH_DTYPE]
+    return _TORCH_DTYPE[max(set(floats), key=floats.count)] if floats else "float32"
+
+
+def _component_config(arch: str, comp: str, specs: dict[str, TensorSpec]) -> dict:
+    """A minimal config.json whose sizes are read from the weights (so shrunken files stay consistent)."""
+    if comp == "unet":
+        return _unet_config(arch, specs)
+    if comp == "vae":
+        return _vae_config(arch, specs)
+    cls, heads, act, proj = _TEXT_FIXED[(arch, comp)]
+    tok = specs.get("text_model.embeddings.token_embedding.weight")
+    cfg = {
+        "_name_or_path": "",
+        "architectures": [cls],
+        "model_type": "clip_text_model",
+        "hidden_act": act,
+        "num_attention_heads": heads,
+        "num_hidden_layers": _count(specs, "text_model.encoder.layers.", ".weight"),
+        "layer_norm_eps": 1e-05,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        "projection_dim": specs["text_projection.weight"].shape[0] if "text_projection.weight" in specs else proj,
+        "torch_dtype": _dtype_of(specs),
+    }
+    if tok is not None:
+        cfg["vocab_size"], cfg["hidden_size"] = tok.shape
+    pos = specs.get("text_model.embeddings.position_embedding.weight")
+    if pos is not None:
+        cfg["max_position_embeddings"] = pos.shape[0]
+    fc1 = specs.get("text_model.encoder.layers.0.mlp.fc1.weight")
+    if fc1 is not None:
+        cfg["intermediate_size"] = fc1.shape[0]
+    return cfg
+
+
+def _unet_config(arch: str, specs: dict[str, TensorSpec]) -> dict:
+    levels = _count(specs, "down_blocks.", ".weight")
+    attn_down = [any(k.startswith(f"down_blocks.{i}.attentions.") for k in specs) for i in range(levels)]
+    attn_up = [any(k.startswith(f"up_blocks.{i}.attentions.") for k in specs) for i in range(levels)]
+    channels = [specs[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)
+                if f"down_blocks.{i}.resnets.0.conv1.weight" in specs]
+    cfg: dict = {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "block_out_channels": channels,
+        "center_input_sample": False,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn_down],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attn_up],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        **_UNET_FIXED[arch],
+    }
+    if "conv_in.weight" in specs:
+        cfg["in_channels"] = specs["conv_in.weight"].shape[1]
+    if "conv_out.weight" in specs:
+        cfg["out_channels"] = specs["conv_out.weight"].shape[0]
+    first = attn_down.index(True) if True in attn_down else None
+    if first is not None:
+        prefix = f"down_blocks.{first}.attentions.0."
+        if prefix + "transformer_blocks.0.attn2.to_k.weight" in specs:
+            cfg["cross_attention_dim"] = specs[prefix + "transformer_blocks.0.attn2.to_k.weight"].shape[1]
+        if prefix + "proj_in.weight" in specs:
+            cfg["use_linear_projection"] = len(specs[prefix + "proj_in.weight"].shape) == 2
+    cfg["transformer_layers_per_block"] = [
+        max(1, _count(specs, f"down_blocks.{i}.attentions.0.transformer_blocks.", ".weight")) for i in range(levels)
+    ]
+    if "add_embedding.linear_1.weight" in specs:
+        cfg["projection_class_embeddings_input_dim"] = specs["add_embedding.linear_1.weight"].shape[1]
+    return cfg
+
+
+def _vae_config(arch: str, specs: dict[str, TensorSpec]) -> dict:
+    size, scale = _VAE_FIXED[arch]
+    levels = _count(specs, "encoder.down_blocks.", ".weight")
+    cfg: dict = {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "block_out_channels": [specs[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)],
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "sample_size": size,
+        "scaling_factor": scale,
+    }
+    if arch == "sdxl":
+        cfg["force_upcast"] = True
+    for key, name, dim in (("encoder.conv_in.weight", "in_channels", 1), ("decoder.conv_out.weight", "out_channels", 0),
+                           ("post_quant_conv.weight", "latent_channels", 0)):
+        if key in specs:
+            cfg[name] = specs[key].shape[dim]
+    return cfg
+
+
+def _model_index(arch: str, components: list[str]) -> dict:
+    classes = {
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    }
+    index = {
+        "_class_name": "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+    }
+    index.update({c: classes[c] for c in components})
+    return index
+
+
+__all__ = ["CheckpointConvertReport", "convert_checkpoint"]
