@@ -1,11 +1,47 @@
-"""`loratool extract` (not built yet)."""
+"""`loratool extract TUNED BASE -o OUT --rank N`: a kohya LoRA from a fine-tune's difference to its base."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
-from ..errors import LoratoolError
+from .resize import RULE_HELP, parse_dtype_option, parse_rule_option
 
 
 @click.command("extract")
-def command() -> None:
-    """Not implemented yet."""
-    raise LoratoolError("loratool extract is not implemented yet")
+@click.argument("tuned", type=click.Path(path_type=Path, exists=True))
+@click.argument("base", type=click.Path(path_type=Path, exists=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output .safetensors file.")
+@click.option("--rank", required=True, type=int, help="Rank of linear / 1x1 modules (the largest rank for dynamic rules).")
+@click.option("--conv-rank", type=int, help="Rank of 3x3 conv modules; without it they are left out (kohya's default).")
+@click.option("--rule", default="fixed", callback=parse_rule_option, help=RULE_HELP)
+@click.option("--clamp-quantile", "clamp", type=float, help="Clamp factors to this quantile of |value| (e.g. 0.99).")
+@click.option("--min-diff", default=0.0, show_default=True, type=float, help="Skip modules whose max |ΔW| is at most this.")
+@click.option("--exact", is_flag=True, help="Exact SVD instead of the seeded randomized SVD.")
+@click.option("--all-layers", is_flag=True, help="Every adaptable Linear/Conv, not only kohya's default network.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the randomized SVD.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda: where ΔW and the SVDs live (float32).")
+@click.option("--dtype", default="fp16", show_default=True, callback=parse_dtype_option, help="Output dtype (fp16, bf16, fp32).")
+@click.option("--arch", type=click.Choice(["sd1", "sd2", "sdxl"]), help="Force the architecture instead of detecting it.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON report on stdout (schema loratool.extract/1).")
+@click.option("-v", "--verbose", is_flag=True, help="List every module's retention, not only the 5 lowest.")
+def command(
+    tuned, base, out, rank, conv_rank, rule, clamp, min_diff, exact, all_layers, seed, device, dtype, arch, force, as_json,
+    verbose,
+) -> None:
+    """Extract a LoRA from TUNED − BASE (full checkpoints: single file or diffusers folder).
+
+    Reads one weight pair at a time; alpha = rank (kohya's convention); ss_* and modelspec
+    metadata and sshs hashes are written.
+    """
+    from ..ops.extract import extract_lora
+    from ..render.lowrank import LazyProgress, render_extract
+
+    with LazyProgress(f"extracting {tuned.name}", enabled=not as_json) as bar:
+        result = extract_lora(
+            tuned, base, out, rank, conv_rank, rule, clamp, min_diff, exact, all_layers, device, arch, dtype, force,
+            seed=seed, on_start=bar.start, on_module=bar.advance,
+        )
+    render_extract(result, as_json, verbose)

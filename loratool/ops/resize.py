@@ -1,0 +1,230 @@
+"""Resize a LoRA: new rank per module from the exact SVD of its factors (never the dense ΔW).
+
+For every module, ΔW = up @ down (conv: down flattened to (r, in·kh·kw); LoCon Tucker ``mid`` folded
+into down first). :func:`~loratool.ops.lowrank.factored_svd` gives its exact SVD from the factors.
+The new factors split √σ to both sides, and the new alpha keeps the module's original scale
+convention: ``alpha' = (alpha / r) · k``, so ``(alpha'/k)·up'·down' = (alpha/r)·U_k Σ_k V_kᵀ`` and at
+full rank ΔW is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import dtypes
+from ..adapters import FAMILIES, AdapterModule, load_adapter, scale_of
+from ..errors import DetectionError, LoratoolError
+from ..metadata import with_hashes
+from ..source import open_file
+from ..writer import check_output, save_tensors
+from .lowrank import (
+    FIXED,
+    Budget,
+    RankRule,
+    RankStats,
+    allocate_budget,
+    average_retained,
+    choose_rank,
+    factored_svd,
+    rank_uniform,
+    resolve_device,
+    retention,
+    split_sqrt,
+)
+
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+@dataclass(frozen=True)
+class ResizeResult:
+    """The written file and one :class:`RankStats` per module (sorted by name)."""
+
+    path: Path
+    arch: str
+    naming_in: str
+    rule: str
+    modules: tuple[RankStats, ...]
+
+    @property
+    def average_retained(self) -> float:
+        return average_retained(self.modules)
+
+
+@dataclass(frozen=True)
+class _Flat:
+    """A LoRA module as 2-D factors: ΔW_flat = scale · up (out, r) @ down (r, in·kh·kw)."""
+
+    module: AdapterModule
+    up: torch.Tensor
+    down: torch.Tensor
+    scale: float
+    kernel: tuple[int, ...]  # () linear; (kh, kw) conv
+    conv_kind: bool  # output with 4-D factors (kohya conv / 1x1-conv convention)
+
+
+def lora_factors(module: AdapterModule) -> AdapterModule:
+    """The module itself when it is a plain LoRA; other families are refused with the way out."""
+    if module.family == "lora" and not module.is_dora:
+        return module
+    label = "DoRA" if module.is_dora else FAMILIES[module.family].label
+    try:  # the converter may expose a LoRA view of other families
+        from .convert import to_lora_factors  # type: ignore[attr-defined]
+    except ImportError:
+        to_lora_factors = None
+    if to_lora_factors is not None and not module.is_dora:
+        return to_lora_factors(module)
+    raise DetectionError(
+        f"{module.target.name} is a {label} module; resize works on plain LoRA factors only",
+        hint="convert it first: loratool convert FILE --to lora -o FILE_lora.safetensors",
+    )
+
+
+def _flatten(module: AdapterModule) -> _Flat:
+    t = {k: v.float() for k, v in module.tensors.items()}
+    up = t["up"].reshape(t["up"].shape[0], -1)
+    down = t["down"]
+    if "mid" in t:  # Tucker: down'[a, i, h, w] = Σ_b mid[a, b, h, w]·down[b, i]
+        down = torch.einsum("abhw,bi->aihw", t["mid"], t["down"].reshape(t["down"].shape[0], -1))
+    kernel = tuple(down.shape[2:])
+    conv = down.dim() == 4 or module.target.kind != "linear"
+    if conv and not kernel:
+        kernel = (1, 1)
+    return _Flat(module, up, down.reshape(down.shape[0], -1), scale_of("lora", t), kernel, conv)
+
+
+def _kind(flat: _Flat) -> str:
+    if flat.kernel and flat.kernel != (1, 1):
+        return "conv3x3"
+    return flat.module.target.kind
+
+
+def resize_lora(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    rank: int,
+    conv_rank: int | None = None,
+    rule: RankRule = FIXED,
+    device: str = "auto",
+    dtype: str | None = None,
+    arch: str | None = None,
+    force: bool = False,
+    on_start: Callable[[int], None] | None = None,
+    on_module: Callable[[str], None] | None = None,
+) -> ResizeResult:
+    """Write a copy of the LoRA at ``path`` with every module's rank chosen by ``rule``.
+
+    Args:
+        rank: the rank (fixed rule) or the largest rank (dynamic rules, budgets) of linear and 1x1 modules.
+        conv_rank: the same for 3x3 conv modules (default ``rank``).
+        rule: :class:`FixedRank`, a per-module rule or a :class:`Budget`.
+        device: ``auto`` | ``cpu`` | ``cuda``; the SVDs run there in float32.
+        dtype: output dtype name (``F16``...); default: the input's factor dtype.
+        on_start: called once with the number of modules; on_module with each module name once it is done.
+
+    Raises:
+        LoratoolError: rank < 1, a LoHa/LoKr/DoRA input, an unusable output path.
+    """
+    if rank < 1 or (conv_rank is not None and conv_rank < 1):
+        raise LoratoolError(f"rank must be at least 1 (got {rank if rank < 1 else conv_rank})", hint="e.g. --rank 16")
+    conv_rank = rank if conv_rank is None else conv_rank
+    path = Path(path)
+    check_output(Path(out), [path], force)
+    dev = resolve_device(device)
+    with open_file(path) as source:
+        loaded = load_adapter(source, arch)
+    if not loaded.modules:
+        raise LoratoolError(f"{path}: no LoRA modules found", hint="is this a LoRA file?")
+    mods = {name: lora_factors(m) for name, m in sorted(loaded.modules.items())}
+    flats = {name: _flatten(m) for name, m in mods.items()}
+    if on_start is not None:
+        on_start(len(flats))
+    out_dtype = dtype or dtypes.name_of(next(iter(mods.values())).tensors["up"].dtype)
+
+    # Exact SVDs, batched over modules whose factor shapes agree.
+    svds: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    groups: dict[tuple, list[str]] = {}
+    for name, f in flats.items():
+        groups.setdefault((tuple(f.up.shape), tuple(f.down.shape)), []).append(name)
+    for names in groups.values():
+        up = torch.stack([flats[n].up for n in names]).to(dev)
+        down = torch.stack([flats[n].down for n in names]).to(dev)
+        u, s, vh = factored_svd(up, down)
+        for i, n in enumerate(names):
+            svds[n] = (u[i].cpu(), s[i].cpu(), vh[i].cpu())
+
+    caps = {n: conv_rank if _kind(f) == "conv3x3" else rank for n, f in flats.items()}
+    if isinstance(rule, Budget):
+        costs = {n: f.up.shape[0] + f.down.shape[1] for n, f in flats.items()}
+        budget = rule.param_budget(dtypes.itemsize(out_dtype))
+        ranks = allocate_budget({n: svds[n][1] for n in flats}, costs, budget, caps)
+    else:
+        ranks = {n: choose_rank(svds[n][1], rule, caps[n]) for n in flats}
+
+    tensors: dict[str, torch.Tensor] = {}
+    stats = []
+    want = dtypes.to_torch(out_dtype)
+    for name, f in flats.items():
+        u, s, vh = svds[name]
+        k = ranks[name]
+        up, down = split_sqrt(u, s, vh, k)
+        if f.conv_kind:
+            up = up.reshape(up.shape[0], k, 1, 1)
+            down = down.reshape(k, -1, *f.kernel)
+        tensors[f"{name}.lora_up.weight"] = up.contiguous().to(want)
+        tensors[f"{name}.lora_down.weight"] = down.contiguous().to(want)
+        tensors[f"{name}.alpha"] = torch.tensor(f.scale * k, dtype=want)
+        stats.append(
+            RankStats(name, _kind(f), int(f.up.shape[1]), k, retention(s, k), float(s[0]) * f.scale, float(s[k - 1]) * f.scale)
+        )
+        if on_module is not None:
+            on_module(name)
+
+    meta = _metadata(loaded.metadata, loaded.arch, stats, flats, rank, conv_rank, rule, path)
+    written = save_tensors(out, tensors, with_hashes(tensors, meta), inputs=[path], force=force)
+    return ResizeResult(written, loaded.arch, loaded.naming, rule_text(rule), tuple(stats))
+
+
+def rule_text(rule: RankRule) -> str:
+    return rule.text
+
+
+def _metadata(meta_in, arch, stats, flats, rank, conv_rank, rule, path) -> dict[str, str]:
+    meta = dict(meta_in)
+    lin = [s for s in stats if s.kind != "conv3x3"]
+    conv = [s for s in stats if s.kind == "conv3x3"]
+    meta.setdefault("ss_network_module", "networks.lora")
+    meta.setdefault("ss_base_model_version", BASE_MODEL_VERSION[arch])
+    meta.setdefault("ss_v2", str(arch == "sd2"))
+    if lin:
+        meta["ss_network_dim"] = rank_uniform(s.rank for s in lin)
+        meta["ss_network_alpha"] = rank_uniform(round(flats[s.name].scale * s.rank, 6) for s in lin)
+    args = None
+    try:
+        args = json.loads(meta.get("ss_network_args") or "null")
+    except ValueError:
+        pass
+    if conv:
+        args = args if isinstance(args, dict) else {}
+        args["conv_dim"] = rank_uniform(s.rank for s in conv)
+        args["conv_alpha"] = rank_uniform(round(flats[s.name].scale * s.rank, 6) for s in conv)
+        meta["ss_network_args"] = json.dumps(args)
+    record = {
+        "source": Path(path).name,
+        "rank": rank,
+        "conv_rank": conv_rank,
+        "rule": rule_text(rule),
+        "average_retained": round(average_retained(stats), 6),
+        "ranks_in": rank_uniform(s.rank_in for s in stats),
+        "ranks_out": rank_uniform(s.rank for s in stats),
+    }
+    meta["loratool.resize"] = json.dumps(record, sort_keys=True)
+    comment = f"resized by loratool from {record['ranks_in']} to {record['ranks_out']} ({record['rule']})"
+    old = meta.get("ss_training_comment")
+    meta["ss_training_comment"] = f"{old}; {comment}" if old and old != "None" else comment
+    return meta
