@@ -245,14 +245,34 @@ def shapes_fit(family: str, shapes: Mapping[str, tuple[int, ...]], target: Modul
             return a[1] == out_f and b[1] == in_ch
         return a[0] == out_f and _prod(b[1:]) == in_f
     if family == "lokr":
-        w1 = shapes.get("lokr_w1")
-        a = w1[0] if w1 else (shapes.get("lokr_w1_a") or (0,))[0]
-        c = w1[1] if w1 else (shapes.get("lokr_w1_b") or (0, 0))[1]
-        return bool(a and c) and out_f % a == 0 and in_ch % c == 0
+        dims = _lokr_dims(shapes)
+        if dims is None:
+            return False
+        a, b, c, e = dims
+        return a * b == out_f and c * e == in_f
     if family == "full":
         d = shapes.get("diff")
         return d is not None and _prod(d) == _prod(ts)
     return False
+
+
+def _lokr_dims(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int, int, int] | None:
+    """``(a, b, c, e)`` of a LoKr module from its factor shapes alone: ``out = a·b`` and
+    ``in·kh·kw = c·e`` (w1 is (a, c); w2 is (b, d[, kh, kw]) with e = d·kh·kw)."""
+    try:
+        if "lokr_w1" in shapes:
+            a, c = shapes["lokr_w1"][0], shapes["lokr_w1"][1]
+        else:
+            a, c = shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1]
+        if "lokr_w2" in shapes:
+            b, e = shapes["lokr_w2"][0], _prod(shapes["lokr_w2"][1:])
+        elif "lokr_t2" in shapes:
+            b, e = shapes["lokr_w2_a"][1], shapes["lokr_w2_b"][1] * _prod(shapes["lokr_t2"][2:])
+        else:
+            b, e = shapes["lokr_w2_a"][0], _prod(shapes["lokr_w2_b"][1:])
+    except (KeyError, IndexError):
+        return None
+    return a, b, c, e
 
 
 def _out_dim(family: str, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
@@ -260,6 +280,9 @@ def _out_dim(family: str, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
         return shapes["up"][0]
     if family == "loha" and "hada_w1_a" in shapes and "hada_t1" not in shapes:
         return shapes["hada_w1_a"][0]
+    if family == "lokr":
+        dims = _lokr_dims(shapes)
+        return dims[0] * dims[1] if dims else None
     if family == "full" and "diff" in shapes:
         return shapes["diff"][0]
     return None
@@ -483,10 +506,18 @@ def apply_to_weight(
 ) -> torch.Tensor:
     """Return ``weight`` (float32, the module's target slice) with the module applied at ``ratio``.
 
-    Plain families: ``W + ratio·(alpha/rank)·ΔW``. DoRA (``dora_scale``):
-    ``W' = m · (W + s·ΔW) / ‖W + s·ΔW‖`` with the norm taken per input column when
-    ``dora_scale`` is (1, in, …) — LyCORIS' default — or per output row when it is (out, 1, …);
-    the ratio then blends ``W + ratio·(W' − W)``.
+    Plain families: ``W + ratio·(alpha/rank)·ΔW``.
+
+    DoRA (``dora_scale`` m): ``W' = m · V / ‖V‖`` with ``V = W + (alpha/rank)·ΔW`` (the norm of the
+    *merged* weight, as LyCORIS and PEFT compute it). The norm axis is read from m's shape:
+
+    * (out, 1[, 1, 1]) or (out,): one norm per output row over every other axis — LyCORIS
+      ``wd_on_out=True`` (its default since 2024) and PEFT's ``lora_magnitude_vector`` (out,);
+    * (1, in[, 1, 1]): one norm per input channel over the output and kernel axes — older LyCORIS
+      (``wd_on_out=False``).
+
+    ``ratio`` blends the decomposed weight in: ``W + ratio·(W' − W)`` (ComfyUI's strength rule;
+    ratio 1 gives W' exactly).
     """
     w = weight.float()
     d = delta_fn(module, tuple(w.shape))
@@ -514,6 +545,7 @@ class LoadedAdapter:
     unmapped: list[str]
     scores: list[tuple[str, float]]
     metadata: dict[str, str]
+    path: str = ""
 
     @property
     def families(self) -> set[str]:
@@ -556,4 +588,4 @@ def load_adapter(source, arch: str | None = None, allow_unmapped: bool = False) 
             f"{source.path}: {len(misfit)} modules do not fit the {arch} weights: {listing(misfit, 3)}",
             hint="the adapter is for another architecture; check --arch",
         )
-    return LoadedAdapter(arch, index.naming, modules, index.unmapped, scores, dict(source.metadata))
+    return LoadedAdapter(arch, index.naming, modules, index.unmapped, scores, dict(source.metadata), str(source.path))

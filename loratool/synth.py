@@ -139,3 +139,172 @@ def iter_lora(
 def make_lora(arch: str, **kwargs) -> dict[str, torch.Tensor]:
     """A synthetic LoRA in memory (see :func:`iter_lora` for the options)."""
     return dict(iter_lora(arch, **kwargs))
+
+
+# ----------------------------------------------------------------------------- LyCORIS adapters
+
+
+def _rand(key: str, shape: tuple[int, ...], seed: int, dtype: str, std: float = 0.1) -> torch.Tensor:
+    return random_tensor(key, TensorSpec(tuple(shape), dtype), seed, std=std)
+
+
+def _alpha(alpha: float, dtype: str) -> torch.Tensor:
+    return torch.tensor(float(alpha), dtype=dtypes.to_torch(dtype))
+
+
+def _select(arch: str, components: tuple[str, ...], modules: dict[str, ModuleTarget] | None) -> list[ModuleTarget]:
+    targets = modules if modules is not None else kohya_modules(arch)
+    return [t for t in targets.values() if t.component in components]
+
+
+def _factor_pair(dim: int, factor: int) -> tuple[int, int]:
+    """``dim = m · n`` with m the largest divisor of ``dim`` not above ``factor`` (LyCORIS-like split)."""
+    for m in range(min(factor, dim), 0, -1):
+        if dim % m == 0:
+            return m, dim // m
+    return 1, dim
+
+
+_ALL_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def make_loha(
+    arch: str,
+    rank: int = 4,
+    alpha: float = 2.0,
+    factor: int = 64,
+    seed: int = 0,
+    dtype: str = "F16",
+    tucker: bool = False,
+    components: tuple[str, ...] = _ALL_COMPONENTS,
+    modules: dict[str, ModuleTarget] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A synthetic LoHa (kohya names, ``hada_*`` keys). Conv factors are flattened to 2-D as LyCORIS stores
+    them; with ``tucker`` the 3x3 convs get ``hada_t1``/``hada_t2`` (r,r,kh,kw) and (r,out)/(r,in) factors."""
+    out: dict[str, torch.Tensor] = {}
+    for t in _select(arch, components, modules):
+        ts = shrink_shape(t.target_shape, factor)
+        o, i = ts[0], ts[1]
+        k = _conv_kernel(t) if len(t.shape) == 4 else ()
+        n = t.name
+        if tucker and t.kind == "conv3x3":
+            for w in ("1", "2"):
+                out[f"{n}.hada_t{w}"] = _rand(f"{n}.t{w}", (rank, rank, *k), seed, dtype)
+                out[f"{n}.hada_w{w}_a"] = _rand(f"{n}.w{w}a", (rank, o), seed, dtype)
+                out[f"{n}.hada_w{w}_b"] = _rand(f"{n}.w{w}b", (rank, i), seed, dtype)
+        else:
+            flat = i
+            for d in k:
+                flat *= d
+            for w in ("1", "2"):
+                out[f"{n}.hada_w{w}_a"] = _rand(f"{n}.w{w}a", (o, rank), seed, dtype)
+                out[f"{n}.hada_w{w}_b"] = _rand(f"{n}.w{w}b", (rank, flat), seed, dtype)
+        out[f"{n}.alpha"] = _alpha(alpha, dtype)
+    return out
+
+
+LOKR_VARIANTS = ("w1_full+w2_lowrank", "w1_full+w2_full", "w1_lowrank+w2_lowrank", "w1_lowrank+w2_full", "w1_full+w2_tucker")
+
+
+def make_lokr(
+    arch: str,
+    rank: int = 2,
+    alpha: float = 1.0,
+    factor: int = 64,
+    seed: int = 0,
+    dtype: str = "F16",
+    kron_factor: int = 4,
+    variant: str = "mixed",
+    components: tuple[str, ...] = _ALL_COMPONENTS,
+    modules: dict[str, ModuleTarget] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A synthetic LoKr (``lokr_*`` keys): ΔW = kron(w1 (a,c), w2 (b,d[,kh,kw])), out = a·b, in = c·d.
+
+    ``variant`` is one of :data:`LOKR_VARIANTS` or ``mixed`` (cycle through them module by module;
+    ``w2_tucker`` only applies to 3x3 convs, other modules fall back to ``w2_lowrank``). As LyCORIS does,
+    a module with full w1 and full w2 stores ``alpha = rank`` (its scale is 1 anyway).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for idx, t in enumerate(_select(arch, components, modules)):
+        ts = shrink_shape(t.target_shape, factor)
+        o, i = ts[0], ts[1]
+        k = _conv_kernel(t) if len(t.shape) == 4 else ()
+        a, b = _factor_pair(o, kron_factor)
+        c, d = _factor_pair(i, kron_factor)
+        v = LOKR_VARIANTS[idx % len(LOKR_VARIANTS)] if variant == "mixed" else variant
+        w1, w2 = v.split("+")
+        if w2 == "w2_tucker" and not k:
+            w2 = "w2_lowrank"
+        n = t.name
+        if w1 == "w1_full":
+            out[f"{n}.lokr_w1"] = _rand(f"{n}.w1", (a, c), seed, dtype, std=0.5)
+        else:
+            out[f"{n}.lokr_w1_a"] = _rand(f"{n}.w1a", (a, rank), seed, dtype, std=0.5)
+            out[f"{n}.lokr_w1_b"] = _rand(f"{n}.w1b", (rank, c), seed, dtype, std=0.5)
+        flat = d
+        for x in k:
+            flat *= x
+        if w2 == "w2_full":
+            out[f"{n}.lokr_w2"] = _rand(f"{n}.w2", (b, d, *k), seed, dtype)
+        elif w2 == "w2_tucker":
+            out[f"{n}.lokr_t2"] = _rand(f"{n}.t2", (rank, rank, *k), seed, dtype)
+            out[f"{n}.lokr_w2_a"] = _rand(f"{n}.w2a", (rank, b), seed, dtype)
+            out[f"{n}.lokr_w2_b"] = _rand(f"{n}.w2b", (rank, d), seed, dtype)
+        else:
+            out[f"{n}.lokr_w2_a"] = _rand(f"{n}.w2a", (b, rank), seed, dtype)
+            out[f"{n}.lokr_w2_b"] = _rand(f"{n}.w2b", (rank, flat), seed, dtype)
+        full_both = w1 == "w1_full" and w2 == "w2_full"
+        out[f"{n}.alpha"] = _alpha(rank if full_both else alpha, dtype)
+    return out
+
+
+def make_locon_tucker(
+    arch: str,
+    rank: int = 4,
+    alpha: float = 2.0,
+    factor: int = 64,
+    seed: int = 0,
+    dtype: str = "F16",
+    components: tuple[str, ...] = _ALL_COMPONENTS,
+    modules: dict[str, ModuleTarget] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A synthetic LoCon with Tucker 3x3 convs: down (r,in,1,1), ``lora_mid`` (r,r,kh,kw), up (out,r,1,1);
+    every other module is a plain kohya LoRA module."""
+    out: dict[str, torch.Tensor] = {}
+    for t in _select(arch, components, modules):
+        n = t.name
+        if t.kind == "conv3x3":
+            ts = shrink_shape(t.target_shape, factor)
+            out[f"{n}.lora_down.weight"] = _rand(f"{n}.down", (rank, ts[1], 1, 1), seed, dtype)
+            out[f"{n}.lora_mid.weight"] = _rand(f"{n}.mid", (rank, rank, *t.shape[2:]), seed, dtype)
+            out[f"{n}.lora_up.weight"] = _rand(f"{n}.up", (ts[0], rank, 1, 1), seed, dtype)
+            out[f"{n}.alpha"] = _alpha(alpha, dtype)
+        else:
+            out.update(dict(iter_lora(arch, rank, alpha, factor, seed, "kohya", dtype, components, {n: t})))
+    return out
+
+
+def make_dora(
+    arch: str,
+    rank: int = 4,
+    alpha: float = 2.0,
+    factor: int = 64,
+    seed: int = 0,
+    dtype: str = "F16",
+    axis: str = "out",
+    components: tuple[str, ...] = _ALL_COMPONENTS,
+    modules: dict[str, ModuleTarget] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A synthetic kohya/LyCORIS DoRA: a LoRA plus ``dora_scale`` per module.
+
+    ``axis="out"`` stores (out, 1[, 1, 1]) (LyCORIS ``wd_on_out=True``, today's default);
+    ``axis="in"`` stores (1, in[, 1, 1]) (older LyCORIS). Magnitudes are positive, around 1.
+    """
+    out = dict(iter_lora(arch, rank, alpha, factor, seed, "kohya", dtype, components, modules))
+    for t in _select(arch, components, modules):
+        ts = shrink_shape(t.target_shape, factor)
+        tail = [1] * (len(t.shape) - 2)
+        shape = (ts[0], 1, *tail) if axis == "out" else (1, ts[1], *tail)
+        mag = _rand(f"{t.name}.dora", shape, seed, "F32", std=0.1).abs() + 0.5
+        out[f"{t.name}.dora_scale"] = mag.to(dtypes.to_torch(dtype))
+    return out

@@ -1,11 +1,64 @@
-"""`loratool merge` (not built yet)."""
+"""`loratool merge`: LoRAs into a checkpoint, or LoRAs into one LoRA."""
 
 import click
 
-from ..errors import LoratoolError
+from ..dtypes import CLI_NAMES
 
 
 @click.command("merge")
-def command() -> None:
-    """Not implemented yet."""
-    raise LoratoolError("loratool merge is not implemented yet")
+@click.argument("base")
+@click.argument("loras", nargs=-1)
+@click.option("-o", "--out", "out", type=click.Path(dir_okay=False), help="Output .safetensors file.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(sorted(CLI_NAMES)), help="Output dtype of float tensors (default: keep).")
+@click.option("--te-ratio", type=float, default=1.0, show_default=True, help="Multiplies every ratio for text-encoder modules.")
+@click.option("--unet-ratio", type=float, default=1.0, show_default=True, help="Multiplies every ratio for UNet modules.")
+@click.option("--lbw", help="LoRA Block Weight preset (OUTALL...) or comma list (17/26 numbers SD1/SD2, 12/20 SDXL).")
+@click.option("--dry-run", is_flag=True, help="Show which module goes to which weight; write nothing.")
+@click.option("--allow-unmapped", is_flag=True, help="Skip (and list) adapter keys that map to no weight.")
+@click.option("--arch", type=click.Choice(["sd1", "sd2", "sdxl"]), help="Force the architecture instead of detecting it.")
+@click.option("--lora-dir", type=click.Path(file_okay=False), help="Folder for <lora:NAME:RATIO> arguments.")
+@click.option("--into-lora", is_flag=True, help="BASE is a LoRA too: merge all adapters into one LoRA.")
+@click.option("--mode", type=click.Choice(["concat", "svd"]), default="concat", show_default=True, help="LoRA+LoRA merge method.")
+@click.option("--rank", type=int, help="Rank of the --mode svd result.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def command(base, loras, out, force, device, dtype, te_ratio, unet_ratio, lbw, dry_run, allow_unmapped, arch, lora_dir,
+            into_lora, mode, rank, as_json) -> None:
+    """Merge LORA[:RATIO]... (ratio default 1.0, negative allowed; or "<lora:NAME:0.8>") into BASE.
+
+    If BASE is itself a LoRA (or --into-lora), every adapter is merged into one LoRA (--mode concat|svd).
+    """
+    from ..adapters import load_adapter
+    from ..blockweights import parse_block_weights
+    from ..errors import LoratoolError
+    from ..ops import merge as ops
+    from ..render import merge as render
+    from ..source import open_file
+
+    def adapter(arg: str):
+        path, ratio = ops.parse_adapter_arg(arg, lora_dir)
+        return load_adapter(open_file(path), arch=arch, allow_unmapped=True), ratio
+
+    source = open_file(ops.parse_adapter_arg(base, lora_dir)[0])
+    if into_lora or ops.looks_like_adapter(source.keys()):
+        adapters = [adapter(base), *(adapter(a) for a in loras)]
+        if not out:
+            raise LoratoolError("missing -o/--out", hint="name the merged LoRA file, e.g. -o merged.safetensors")
+        with render.progress_callback("merging LoRAs", not as_json) as cb:
+            report = ops.merge_adapters(
+                adapters, out, mode=mode, rank=rank, dtype=dtype, device=device, force=force, on_progress=cb
+            )
+        return render.adapter_report(report, as_json)
+    if not loras:
+        raise LoratoolError("no LoRA to merge", hint="loratool merge BASE LORA[:RATIO]... -o OUT")
+    if not out and not dry_run:
+        raise LoratoolError("missing -o/--out", hint="name the output checkpoint, or use --dry-run")
+    adapters = [adapter(a) for a in loras]
+    block_weights = parse_block_weights(lbw, adapters[0][0].arch) if lbw else None
+    with render.progress_callback("merging", not (as_json or dry_run)) as cb:
+        report = ops.merge_into_checkpoint(
+            source, adapters, out, arch=arch, device=device, dtype=dtype, te_ratio=te_ratio, unet_ratio=unet_ratio,
+            block_weights=block_weights, allow_unmapped=allow_unmapped, force=force, dry_run=dry_run, on_progress=cb,
+        )
+    render.checkpoint_report(report, as_json)

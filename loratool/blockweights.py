@@ -1,0 +1,124 @@
+"""LoRA Block Weight (A1111 ``sd-webui-lora-block-weight``) slots and presets.
+
+A slot names one block of the single-file UNet, or the text encoders:
+
+    BASE    every text-encoder module (``te``, ``te1``, ``te2``)
+    INnn    ``model.diffusion_model.input_blocks.nn``
+    M00     ``model.diffusion_model.middle_block``
+    OUTnn   ``model.diffusion_model.output_blocks.nn``
+
+A weight list has one number per slot of one of the layouts below; SD1/SD2 take 17 or 26 numbers,
+SDXL 12 or 20. As in the extension (its ``to26`` expansion), a block that the chosen layout does
+not list gets weight 0: the short layouts only list the blocks that hold attention, so a LoCon's
+resnet-only blocks (IN00, IN03, ... in the 17-slot layout) are switched off by them. UNet modules
+outside every block (``time_embed``, ``out``; only LyCORIS' ``full`` preset targets them) keep
+weight 1.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import LoratoolError
+from .layouts import ModuleTarget
+
+SLOTS_26 = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
+SLOTS_17 = (
+    "BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00",
+    "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11",
+)  # fmt: skip
+SLOTS_12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05")
+SLOTS_20 = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))
+
+LAYOUTS: dict[str, dict[int, tuple[str, ...]]] = {
+    "sd1": {17: SLOTS_17, 26: SLOTS_26},
+    "sd2": {17: SLOTS_17, 26: SLOTS_26},
+    "sdxl": {12: SLOTS_12, 20: SLOTS_20},
+}
+
+# The extension's built-in 17-slot presets (SD1/SD2).
+PRESETS_17: dict[str, str] = {
+    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
+    "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
+    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
+    "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
+    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
+    "ALL0.5": ",".join(["0.5"] * 17),
+}
+# Presets that mean the same for any layout (usable with SDXL's 12 / 20 slots).
+UNIFORM_PRESETS = {"NONE": 0.0, "ALL": 1.0, "ALL0.5": 0.5}
+
+_BLOCK_RE = re.compile(r"^model\.diffusion_model\.(input_blocks|middle_block|output_blocks)\.(\d+)?")
+
+
+def block_of(target: ModuleTarget) -> str | None:
+    """The slot of one module: ``BASE`` for text encoders, ``INnn`` / ``M00`` / ``OUTnn`` for UNet blocks,
+    None for UNet modules outside the numbered blocks."""
+    if target.component != "unet":
+        return "BASE"
+    m = _BLOCK_RE.match(target.address)
+    if not m:
+        return None
+    kind, num = m.group(1), m.group(2)
+    if kind == "middle_block":
+        return "M00"
+    return f"{'IN' if kind == 'input_blocks' else 'OUT'}{int(num):02d}"
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """Weights per slot; :meth:`weight_for` gives a module's multiplier."""
+
+    slots: tuple[str, ...]
+    weights: tuple[float, ...]
+    source: str
+
+    def weight_for(self, target: ModuleTarget) -> float:
+        block = block_of(target)
+        if block is None:
+            return 1.0
+        table = dict(zip(self.slots, self.weights))
+        return table.get(block, 0.0)
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.slots, self.weights))
+
+
+def parse_block_weights(text: str, arch: str) -> BlockWeights:
+    """A preset name (``OUTALL``) or a comma list of numbers (``1,0,0,...``) → :class:`BlockWeights` for ``arch``.
+
+    Raises:
+        LoratoolError: unknown preset, a value that is not a number, or a count the arch has no layout for.
+    """
+    layouts = LAYOUTS[arch]
+    counts = "/".join(str(n) for n in layouts)
+    name = text.strip()
+    if name.upper() in PRESETS_17:
+        key = name.upper()
+        if arch == "sdxl":
+            if key not in UNIFORM_PRESETS:
+                raise LoratoolError(
+                    f"--lbw preset {name!r} is a 17-slot SD1/SD2 preset", hint=f"give SDXL {counts} numbers, comma-separated"
+                )
+            return BlockWeights(SLOTS_12, (UNIFORM_PRESETS[key],) * 12, key)
+        values = PRESETS_17[key]
+    else:
+        values = name
+    try:
+        weights = tuple(float(v) for v in values.split(","))
+    except ValueError:
+        raise LoratoolError(
+            f"--lbw {text!r} is neither a preset nor a comma list of numbers",
+            hint=f"presets: {', '.join(PRESETS_17)}; or {counts} numbers like 1,0,0.5,...",
+        ) from None
+    if len(weights) not in layouts:
+        raise LoratoolError(
+            f"--lbw has {len(weights)} numbers; {arch} block weights take {counts}",
+            hint="slots are listed in docs/merge.md",
+        )
+    return BlockWeights(layouts[len(weights)], weights, name)

@@ -1,0 +1,439 @@
+"""Merging: adapters into a checkpoint (streamed key by key), and LoRAs into one LoRA (exact concat or SVD).
+
+Pure library code: no printing, no rich/click. Progress goes through an ``on_progress(done, total, note)``
+callback. Formulas (one module m of adapter i, per-adapter ratio ρᵢ, component ratio κ, block weight β):
+
+    checkpoint   W ← W + ρᵢ·κ·β · (alphaₘ/rankₘ)·ΔWₘ          (DoRA: see adapters.apply_to_weight)
+    concat       up = [sᵢ·√|cᵢ|·upᵢ]ᵢ, down = [√|cᵢ|·downᵢ]ᵢ, alpha = rank = Σ rᵢ   with cᵢ = ρᵢ·alphaᵢ/rᵢ, sᵢ = sign(cᵢ)
+    svd          U S Vᵀ = [cᵢ·upᵢ]ᵢ @ [downᵢ]ᵢ (factored, no dense ΔW); up = U√S, down = √S Vᵀ, alpha = rank = N
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .. import dtypes
+from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, scale_of, split_key
+from ..blockweights import BlockWeights
+from ..detect import detect_checkpoint
+from ..errors import LoratoolError, MappingError, listing
+from ..layouts import ARCH_LABELS
+from ..metadata import parse_json_field, with_hashes
+from ..source import TensorSpec
+from ..writer import SafetensorsWriter, check_output, save_tensors
+from .lowrank import factored_svd
+
+Progress = Callable[[int, int, str], None]
+ADAPTER_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+RECIPE_KEY = "loratool.merge.recipe"
+
+
+# ----------------------------------------------------------------------------- argument parsing
+
+
+def parse_adapter_arg(arg: str, lora_dir: str | os.PathLike | None = None) -> tuple[Path, float]:
+    """``PATH``, ``PATH:RATIO`` or A1111's ``<lora:NAME:RATIO>`` → (path, ratio); ratio defaults to 1.0.
+
+    A whole argument that names an existing file wins, so paths containing ``:`` work. ``<lora:NAME>``
+    looks for NAME, NAME.safetensors, NAME.ckpt, ... in ``lora_dir`` (default: the current folder).
+
+    Raises:
+        LoratoolError: the file does not exist, or the text after the last ``:`` is not a number.
+    """
+    text = arg.strip()
+    if text.startswith("<") and text.endswith(">"):
+        parts = text[1:-1].split(":")
+        if len(parts) not in (2, 3) or parts[0] not in ("lora", "lyco"):
+            raise LoratoolError(f"{arg!r} is not an A1111 prompt tag", hint="write it as <lora:NAME:RATIO>")
+        ratio = _ratio(parts[2], arg) if len(parts) == 3 else 1.0
+        folder = Path(lora_dir) if lora_dir else Path(".")
+        for cand in (parts[1], *(parts[1] + s for s in ADAPTER_SUFFIXES)):
+            if (folder / cand).is_file():
+                return folder / cand, ratio
+        raise LoratoolError(
+            f"no LoRA named {parts[1]!r} in {folder}", hint="pass --lora-dir DIR, the folder A1111 reads LoRAs from"
+        )
+    if Path(text).exists():
+        return Path(text), 1.0
+    if ":" in text:
+        head, tail = text.rsplit(":", 1)
+        ratio = _ratio(tail, arg)
+        if not Path(head).is_file():
+            raise LoratoolError(
+                f"{head}: no such file (from {arg!r})", hint="check the path; write PATH:RATIO, e.g. style.safetensors:0.8"
+            )
+        return Path(head), ratio
+    raise LoratoolError(f"{text}: no such file", hint="check the path")
+
+
+def _ratio(text: str, arg: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise LoratoolError(
+            f"{arg!r} is neither an existing file nor PATH:RATIO ({text!r} is not a number)",
+            hint="write PATH:RATIO with one number after the last ':', e.g. style.safetensors:0.8",
+        ) from None
+    if not math.isfinite(value):
+        raise LoratoolError(f"ratio {text!r} in {arg!r} is not finite", hint="use a number like 0.8 or -0.5")
+    return value
+
+
+def looks_like_adapter(keys: Iterable[str]) -> bool:
+    """True when most keys carry an adapter suffix (``lora_down.weight``, ``hada_w1_a``, ``lora_A.weight``...)."""
+    keys = list(keys)
+    hits = sum(1 for k in keys if split_key(k) is not None)
+    return bool(keys) and hits * 2 > len(keys)
+
+
+# ----------------------------------------------------------------------------- into a checkpoint
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One adapter module applied to one base weight (or a row slice of it)."""
+
+    key: str
+    rows: tuple[int, int] | None
+    adapter: int
+    module: str
+    family: str
+    ratio: float
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    out: str | None
+    arch: str
+    naming: str
+    adapters: tuple[tuple[str, float], ...]
+    assignments: tuple[Assignment, ...]
+    unmapped: tuple[tuple[str, str], ...]
+    changed: tuple[str, ...]
+    keys_total: int
+    seconds: float
+    dry_run: bool
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LoratoolError("--device cuda: no CUDA device is available", hint="use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise LoratoolError(f"unknown device {name!r}", hint="use cpu, cuda or auto")
+    return torch.device(name)
+
+
+def _scaled_rows(rows: tuple[int, int] | None, full: tuple[int, ...], actual: tuple[int, ...]) -> tuple[int, int] | None:
+    """Row slice in the actual tensor (real files: unchanged; shrunken fixtures: divided by the shrink factor)."""
+    if rows is None or full[0] == actual[0]:
+        return rows
+    f = full[0] // actual[0]
+    return rows[0] // f, rows[1] // f
+
+
+def plan_checkpoint_merge(
+    base_specs: dict[str, TensorSpec],
+    base_naming: str,
+    adapters: Sequence[tuple[LoadedAdapter, float]],
+    te_ratio: float = 1.0,
+    unet_ratio: float = 1.0,
+    block_weights: BlockWeights | None = None,
+) -> tuple[list[Assignment], list[tuple[str, str]]]:
+    """Which module changes which base key, at which effective ratio (ρ·κ·β); plus (adapter, module)
+    pairs whose target weight the base file lacks."""
+    plan: list[Assignment] = []
+    missing: list[tuple[str, str]] = []
+    for i, (ad, ratio) in enumerate(adapters):
+        for name in sorted(ad.modules):
+            m = ad.modules[name]
+            t = m.target
+            key = t.address if base_naming == "ldm" else t.diffusers_key
+            rows = t.rows if base_naming == "ldm" else None
+            if key not in base_specs:
+                missing.append((ad.path, f"{name} → {key}"))
+                continue
+            rows = _scaled_rows(rows, t.shape, base_specs[key].shape)
+            comp = unet_ratio if t.component == "unet" else te_ratio
+            bw = block_weights.weight_for(t) if block_weights is not None else 1.0
+            plan.append(Assignment(key, rows, i, name, m.family, ratio * comp * bw))
+    return plan, missing
+
+
+def _module_on(module: AdapterModule, device: torch.device) -> AdapterModule:
+    if device.type == "cpu":
+        return module
+    return replace(module, tensors={k: v.to(device) for k, v in module.tensors.items()})
+
+
+def merge_into_checkpoint(
+    base_source,
+    adapters: Sequence[tuple[LoadedAdapter, float]],
+    out: str | os.PathLike | None,
+    *,
+    arch: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    te_ratio: float = 1.0,
+    unet_ratio: float = 1.0,
+    block_weights: BlockWeights | None = None,
+    allow_unmapped: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    on_progress: Progress | None = None,
+) -> MergeReport:
+    """Merge adapters into a checkpoint, streaming one base tensor at a time.
+
+    Every base key is kept with its dtype (or ``dtype`` for float tensors); only the targeted weights
+    change, each computed in float32 on ``device`` as ``W + ratio·scale·ΔW`` (adapters applied in order).
+
+    Args:
+        base_source: a lazy source of a single-file (LDM/SGM) checkpoint or a diffusers folder.
+        adapters: (adapter, ratio) pairs; ratios may be negative.
+        out: output ``.safetensors`` (ignored with ``dry_run``).
+        te_ratio / unet_ratio: multiply each adapter's ratio for text-encoder / UNet modules.
+        block_weights: per-block multipliers (LoRA Block Weight).
+        allow_unmapped: list adapter keys or targets that map nowhere instead of failing.
+
+    Raises:
+        MappingError: an adapter is for another architecture, keys map nowhere, or the base lacks a target.
+        OutputError: ``out`` exists (without ``force``) or is an input.
+    """
+    start = time.perf_counter()
+    specs = {k: base_source.spec(k) for k in base_source.keys()}
+    match = detect_checkpoint(specs, arch)
+    for ad, _ in adapters:
+        if ad.arch != match.arch:
+            raise MappingError(
+                f"{ad.path} is an {ARCH_LABELS[ad.arch]} adapter but {base_source.path} "
+                f"is an {ARCH_LABELS[match.arch]} checkpoint",
+                hint="merge adapters made for the same base model family",
+            )
+    plan, missing = plan_checkpoint_merge(specs, match.naming, adapters, te_ratio, unet_ratio, block_weights)
+    unmapped = [(ad.path, k) for ad, _ in adapters for k in ad.unmapped] + missing
+    if unmapped and not allow_unmapped:
+        raise MappingError(
+            f"{len(unmapped)} adapter keys map to no weight of {base_source.path}: "
+            f"{listing([f'{p}: {k}' for p, k in unmapped], 5)}",
+            hint="check that the adapter fits this base, or pass --allow-unmapped to skip them (they are listed)",
+        )
+    names = tuple((ad.path, r) for ad, r in adapters)
+    changed = tuple(sorted({a.key for a in plan if a.ratio != 0}))
+    if dry_run:
+        return MergeReport(None, match.arch, match.naming, names, tuple(plan), tuple(unmapped), changed, len(specs), 0.0, True)
+
+    by_key: dict[str, list[Assignment]] = {}
+    for a in plan:
+        if a.ratio != 0:
+            by_key.setdefault(a.key, []).append(a)
+    out_dtype = dtypes.parse_cli(dtype) if dtype else None
+    out_specs = {
+        k: TensorSpec(s.shape, out_dtype if out_dtype and s.dtype in dtypes.FLOAT_NAMES else s.dtype) for k, s in specs.items()
+    }
+    dev = _device(device)
+    inputs = [base_source.path, *(ad.path for ad, _ in adapters)]
+    metadata = _checkpoint_metadata(base_source, adapters, te_ratio, unet_ratio, block_weights, out_dtype)
+    total = len(specs)
+    with SafetensorsWriter(out, out_specs, metadata, inputs=inputs, force=force) as writer:
+        for n, key in enumerate(specs, 1):
+            tensor = base_source.get(key)
+            if key in by_key:
+                w = tensor.to(dev, torch.float32)
+                for a in by_key[key]:
+                    module = _module_on(adapters[a.adapter][0].modules[a.module], dev)
+                    if a.rows is None:
+                        w = apply_to_weight(w, module, a.ratio)
+                    else:
+                        w[a.rows[0]: a.rows[1]] = apply_to_weight(w[a.rows[0]: a.rows[1]], module, a.ratio)
+                tensor = w
+            writer.write(key, tensor)
+            if on_progress:
+                on_progress(n, total, key)
+        path = writer.finalize()
+    return MergeReport(
+        str(path), match.arch, match.naming, names, tuple(plan), tuple(unmapped), changed, total,
+        round(time.perf_counter() - start, 3), False,
+    )
+
+
+def _recipe(adapters: Sequence[tuple[LoadedAdapter, float]], **extra) -> str:
+    data = {"adapters": [{"file": Path(ad.path).name, "ratio": r} for ad, r in adapters], **extra}
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def _checkpoint_metadata(base_source, adapters, te_ratio, unet_ratio, block_weights, out_dtype) -> dict[str, str]:
+    meta = {k: v for k, v in base_source.metadata.items() if k not in ("modelspec.hash_sha256", "model_index")}
+    base = Path(base_source.path).name
+    meta[RECIPE_KEY] = _recipe(
+        adapters,
+        base=base,
+        te_ratio=te_ratio,
+        unet_ratio=unet_ratio,
+        lbw=block_weights.as_dict() if block_weights else None,
+        dtype=out_dtype,
+    )
+    meta["modelspec.merged_from"] = ", ".join([base, *(f"{Path(ad.path).name}:{r:g}" for ad, r in adapters)])
+    return meta
+
+
+# ----------------------------------------------------------------------------- LoRA + LoRA → LoRA
+
+
+@dataclass(frozen=True)
+class ModuleResult:
+    name: str
+    rank: int
+    rel_error: float
+
+
+@dataclass(frozen=True)
+class AdapterMergeReport:
+    out: str
+    arch: str
+    mode: str
+    adapters: tuple[tuple[str, float], ...]
+    modules: tuple[ModuleResult, ...]
+    seconds: float
+
+    @property
+    def max_error(self) -> float:
+        return max((m.rel_error for m in self.modules), default=0.0)
+
+
+def _factors(module: AdapterModule, path: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """(up (out, r), down (r, in·kh·kw), down's trailing shape) in float32; plain LoRA modules only."""
+    if module.family != "lora" or "mid" in module.tensors or module.is_dora:
+        kind = "DoRA" if module.is_dora else ("LoCon Tucker" if "mid" in module.tensors else module.family)
+        raise LoratoolError(
+            f"{path}: module {module.target.name} is {kind}; LoRA+LoRA merges take plain LoRA/LoCon modules",
+            hint="merge it into a checkpoint instead, or convert it to a LoRA first",
+        )
+    up = module.tensors["up"].float()
+    down = module.tensors["down"].float()
+    return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), tuple(down.shape[1:])
+
+
+def merge_adapters(
+    adapters: Sequence[tuple[LoadedAdapter, float]],
+    out: str | os.PathLike,
+    *,
+    mode: str = "concat",
+    rank: int | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    on_progress: Progress | None = None,
+) -> AdapterMergeReport:
+    """Merge LoRAs into one LoRA (kohya naming) whose ΔW is ``Σ ratioᵢ·scaleᵢ·ΔWᵢ``.
+
+    ``concat`` is exact: factors are stacked along the rank with each part's ``ratio·alpha/rank``
+    folded into them and the result stored with ``alpha = rank`` (scale 1). ``svd`` keeps the best
+    rank-``rank`` approximation of that sum, computed from the stacked factors (QR + a small SVD);
+    each module's relative Frobenius error is reported.
+    """
+    start = time.perf_counter()
+    if not adapters:
+        raise LoratoolError("no adapters to merge")
+    arch = adapters[0][0].arch
+    for ad, _ in adapters:
+        if ad.arch != arch:
+            raise MappingError(
+                f"{ad.path} is for {ARCH_LABELS[ad.arch]}, {adapters[0][0].path} for {ARCH_LABELS[arch]}",
+                hint="merge adapters made for the same base model family",
+            )
+    if mode not in ("concat", "svd"):
+        raise LoratoolError(f"unknown --mode {mode!r}", hint="use concat or svd")
+    if mode == "svd" and (rank is None or rank < 1):
+        raise LoratoolError("--mode svd needs --rank N (N ≥ 1)", hint="e.g. --mode svd --rank 32")
+    dev = _device(device)
+    check_output(Path(out), [ad.path for ad, _ in adapters], force)
+    first_dtype = next(iter(next(iter(adapters[0][0].modules.values())).tensors.values())).dtype
+    out_dtype = dtypes.to_torch(dtypes.parse_cli(dtype)) if dtype else first_dtype
+    names = sorted({n for ad, _ in adapters for n in ad.modules})
+    tensors: dict[str, torch.Tensor] = {}
+    results: list[ModuleResult] = []
+    for step, name in enumerate(names, 1):
+        ups, downs, tail = [], [], None
+        for ad, ratio in adapters:
+            m = ad.modules.get(name)
+            if m is None:
+                continue
+            up, down, t = _factors(m, ad.path)
+            tail = tail or t
+            c = ratio * scale_of(m.family, m.tensors)
+            ups.append((c, up.to(dev)))
+            downs.append(down.to(dev))
+        if mode == "concat":
+            up = torch.cat([math.copysign(math.sqrt(abs(c)), c) * u for c, u in ups], dim=1)
+            down = torch.cat([math.sqrt(abs(c)) * d for (c, _), d in zip(ups, downs)], dim=0)
+            err = 0.0
+        else:
+            u_all = torch.cat([c * u for c, u in ups], dim=1)
+            d_all = torch.cat(downs, dim=0)
+            uu, s, vh = factored_svd(u_all, d_all)
+            k = min(rank, s.shape[0])
+            root = s[:k].sqrt()
+            up, down = uu[:, :k] * root, root[:, None] * vh[:k]
+            total = float(s.square().sum())
+            err = math.sqrt(float(s[k:].square().sum()) / total) if total > 0 else 0.0
+        r = down.shape[0]
+        conv = len(tail) > 1
+        tensors[f"{name}.lora_down.weight"] = down.reshape(r, *tail).to("cpu", out_dtype).contiguous()
+        tensors[f"{name}.lora_up.weight"] = (up.reshape(up.shape[0], r, 1, 1) if conv else up).to("cpu", out_dtype).contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(r), dtype=out_dtype)
+        results.append(ModuleResult(name, r, err))
+        if on_progress:
+            on_progress(step, len(names), name)
+    metadata = _adapter_metadata(adapters, mode, results)
+    metadata = with_hashes(tensors, metadata)
+    path = save_tensors(out, tensors, metadata, inputs=[ad.path for ad, _ in adapters], force=force)
+    return AdapterMergeReport(
+        str(path), arch, mode, tuple((ad.path, r) for ad, r in adapters), tuple(results), round(time.perf_counter() - start, 3)
+    )
+
+
+_DROP = ("sshs_model_hash", "sshs_legacy_hash", "ss_network_dim", "ss_network_alpha", "ss_tag_frequency", "ss_output_name")
+
+
+def merge_tag_frequency(metadatas: Iterable[dict[str, str]]) -> dict[str, dict[str, int]]:
+    """Sum kohya ``ss_tag_frequency`` ({folder: {tag: count}}) over several files."""
+    total: dict[str, dict[str, int]] = {}
+    for meta in metadatas:
+        freq = parse_json_field(meta, "ss_tag_frequency")
+        if not isinstance(freq, dict):
+            continue
+        for folder, tags in freq.items():
+            if not isinstance(tags, dict):
+                continue
+            into = total.setdefault(folder, {})
+            for tag, count in tags.items():
+                if isinstance(count, (int, float)):
+                    into[tag] = into.get(tag, 0) + int(count)
+    return total
+
+
+def _adapter_metadata(adapters, mode: str, results: list[ModuleResult]) -> dict[str, str]:
+    metas = [ad.metadata for ad, _ in adapters]
+    # Training metadata is kept where every input agrees (same base model, resolution...).
+    common = {k: v for k, v in metas[0].items() if k not in _DROP and all(m.get(k) == v for m in metas[1:])}
+    ranks = {r.rank for r in results}
+    rank = max(ranks, default=0)
+    common["ss_network_module"] = "networks.lora"
+    common["ss_network_dim"] = str(rank)
+    common["ss_network_alpha"] = f"{float(rank)}"
+    if len(ranks) > 1:
+        common["ss_network_args"] = json.dumps({"note": "ranks differ per module; alpha = rank everywhere"})
+    freq = merge_tag_frequency(metas)
+    if freq:
+        common["ss_tag_frequency"] = json.dumps(freq, sort_keys=True)
+    common[RECIPE_KEY] = _recipe(adapters, mode=mode)
+    return common

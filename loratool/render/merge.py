@@ -1,0 +1,107 @@
+"""Terminal output of `loratool merge`: progress, dry-run mapping, reports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from ..ops.merge import AdapterMergeReport, MergeReport
+from .common import print_json, progress, stdout
+
+
+@contextmanager
+def progress_callback(description: str, enabled: bool = True) -> Iterator:
+    """An ``on_progress(done, total, note)`` callback drawing a progress bar on stderr."""
+    state = {"bar": None, "done": 0}
+    if not enabled:
+        yield None
+        return
+    with_bar = None
+    try:
+        def callback(done: int, total: int, note: str) -> None:
+            nonlocal with_bar
+            if with_bar is None:
+                with_bar = progress(description, total)
+                state["bar"] = with_bar.__enter__()
+            state["bar"](done - state["done"], note.rsplit(".", 2)[0][-40:])
+            state["done"] = done
+
+        yield callback
+    finally:
+        if with_bar is not None:
+            with_bar.__exit__(None, None, None)
+
+
+def _fmt_rows(rows) -> str:
+    return "" if rows is None else f"[{rows[0]}:{rows[1]}]"
+
+
+def checkpoint_report(report: MergeReport, as_json: bool = False) -> None:
+    if as_json:
+        print_json(
+            {
+                "out": report.out,
+                "arch": report.arch,
+                "naming": report.naming,
+                "dry_run": report.dry_run,
+                "adapters": [{"file": p, "ratio": r} for p, r in report.adapters],
+                "assignments": [
+                    {"key": a.key, "rows": a.rows, "adapter": a.adapter, "module": a.module, "family": a.family, "ratio": a.ratio}
+                    for a in report.assignments
+                ],
+                "unmapped": [{"file": p, "key": k} for p, k in report.unmapped],
+                "changed_keys": len(report.changed),
+                "keys_total": report.keys_total,
+                "seconds": report.seconds,
+            }
+        )
+        return
+    if report.dry_run:
+        table = Table(title=f"{report.arch} ({report.naming}) — what each module changes", title_justify="left")
+        for col in ("#", "module", "family", "ratio", "weight", "rows"):
+            table.add_column(col)
+        for a in report.assignments:
+            table.add_row(str(a.adapter + 1), a.module, a.family, f"{a.ratio:g}", a.key, _fmt_rows(a.rows))
+        stdout.print(table)
+    for path, key in report.unmapped:
+        stdout.print(f"[yellow]unmapped[/] {escape(Path(path).name)}: {escape(key)}")
+    verb = "would change" if report.dry_run else "changed"
+    stdout.print(
+        f"{len(report.assignments)} modules from {len(report.adapters)} adapter(s) {verb} {len(report.changed)} of "
+        f"{report.keys_total} weights ({report.arch})"
+        + ("" if report.dry_run else f" → [bold]{escape(str(report.out))}[/] in {report.seconds:.1f} s")
+    )
+
+
+def adapter_report(report: AdapterMergeReport, as_json: bool = False) -> None:
+    if as_json:
+        print_json(
+            {
+                "out": report.out,
+                "arch": report.arch,
+                "mode": report.mode,
+                "adapters": [{"file": p, "ratio": r} for p, r in report.adapters],
+                "modules": [{"name": m.name, "rank": m.rank, "rel_error": m.rel_error} for m in report.modules],
+                "max_rel_error": report.max_error,
+                "seconds": report.seconds,
+            }
+        )
+        return
+    ranks = sorted({m.rank for m in report.modules})
+    worst = sorted(report.modules, key=lambda m: -m.rel_error)[:5]
+    if report.mode == "svd":
+        table = Table(title="largest relative Frobenius errors", title_justify="left")
+        table.add_column("module")
+        table.add_column("rank")
+        table.add_column("rel. error")
+        for m in worst:
+            table.add_row(m.name, str(m.rank), f"{m.rel_error:.3e}")
+        stdout.print(table)
+    stdout.print(
+        f"{len(report.modules)} modules ({report.mode}, rank {'/'.join(map(str, ranks))}, max rel. error "
+        f"{report.max_error:.2e}) → [bold]{escape(report.out)}[/]"
+    )
