@@ -1,11 +1,42 @@
-"""`loratool inspect` (not built yet)."""
+"""`loratool inspect FILE...`: what a checkpoint or adapter file is, with the evidence."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
-from ..errors import LoratoolError
-
 
 @click.command("inspect")
-def command() -> None:
-    """Not implemented yet."""
-    raise LoratoolError("loratool inspect is not implemented yet")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON on stdout (schema loratool.inspect/1), one object per file.")
+@click.option("--keys", is_flag=True, help="List every key with shape, dtype and the checkpoint weight it maps to.")
+@click.option("--stats", is_flag=True, help="Read every tensor: NaN/Inf check, per-block effective ΔW norm of adapters.")
+@click.option("--arch", type=click.Choice(["sd1", "sd2", "sdxl"]), help="Force the architecture instead of detecting it.")
+@click.option(
+    "--hash/--no-hash",
+    "hashes",
+    default=None,
+    help="Compute file hashes (sha256, AutoV2, addnet, legacy). Default: adapters yes, checkpoints no.",
+)
+def command(files: tuple[Path, ...], as_json: bool, keys: bool, stats: bool, arch: str | None, hashes: bool | None) -> None:
+    """Show what FILE is: kind, architecture (with score and runner-up), adapter family,
+    ranks/alphas, training parameters, trigger words and hashes.
+
+    Reads only the header unless --stats, --keys or hashes ask for more.
+    """
+    from ..inspection import inspect_path
+    from ..render import inspect as render
+    from ..render.common import progress
+
+    reports = []
+    for f in files:
+        if stats:
+            with progress(f"checking {f.name}", None, enabled=not as_json) as advance:
+                reports.append(inspect_path(f, arch=arch, hashes=hashes, keys=keys, stats=True, progress=advance))
+        else:
+            reports.append(inspect_path(f, arch=arch, hashes=hashes, keys=keys))
+    if as_json:
+        render.render_json(reports)
+    else:
+        render.render(reports)
