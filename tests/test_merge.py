@@ -1,0 +1,289 @@
+"""`loratool merge` on the tiny fixtures: merged = base + Σ ratio·scale·ΔW, nothing else changes."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from loratool import synth
+from loratool.adapters import apply_to_weight, delta, load_adapter
+from loratool.blockweights import block_of, parse_block_weights
+from loratool.cli import main
+from loratool.errors import LoratoolError
+from loratool.layouts import kohya_modules
+from loratool.ops.merge import merge_tag_frequency, parse_adapter_arg
+from loratool.source import open_file
+from loratool.writer import save_tensors
+
+BASES = {"sd1": "sd15-tiny.safetensors", "sd2": "sd21-tiny.safetensors", "sdxl": "sdxl-tiny.safetensors"}
+
+
+def raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def expected_merge(base: dict, adapters: list, te=1.0, unet=1.0) -> dict:
+    """Recompute the merge in memory from the formula (module by module, fp32)."""
+    out = {k: v.float().clone() for k, v in base.items()}
+    for ad, ratio in adapters:
+        for m in ad.modules.values():
+            t = m.target
+            r = ratio * (unet if t.component == "unet" else te)
+            w = out[t.address]
+            if t.rows is None:
+                out[t.address] = apply_to_weight(w, m, r)
+            else:
+                f = t.shape[0] // w.shape[0]
+                a, b = t.rows[0] // f, t.rows[1] // f
+                w[a:b] = apply_to_weight(w[a:b], m, r)
+    return out
+
+
+def check_merge(fixtures, tmp_path, arch, adapter_files, ratios, extra=()):
+    base_path = fixtures / BASES[arch]
+    out = tmp_path / "out.safetensors"
+    args = [f"{p}:{r}" for p, r in zip(adapter_files, ratios)]
+    assert main(["merge", str(base_path), *args, "-o", str(out), *extra]) == 0
+    base = load_file(base_path)
+    merged = load_file(out)  # output loads back
+    adapters = [(load_adapter(open_file(p)), r) for p, r in zip(adapter_files, ratios)]
+    want = expected_merge(base, adapters)
+    targeted = {m.target.address for ad, _ in adapters for m in ad.modules.values()}
+    assert set(merged) == set(base)
+    for k, v in base.items():
+        assert merged[k].dtype == v.dtype
+        if k in targeted:
+            torch.testing.assert_close(merged[k].float(), want[k].to(v.dtype).float(), rtol=0, atol=2e-3)
+            assert not torch.equal(merged[k], v), k
+        else:
+            assert raw(merged[k]) == raw(v), k  # byte for byte
+    return out, targeted
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["sd15-lora-kohya", "sd15-lora-peft", "sd15-loha", "sd15-loha-tucker", "sd15-lokr", "sd15-locon-tucker", "sd15-dora"],
+)
+def test_every_family_into_sd1(fixtures, tmp_path, name):
+    check_merge(fixtures, tmp_path, "sd1", [fixtures / f"{name}.safetensors"], [0.8])
+
+
+def test_sd2_fused_qkv_and_1x1_conv_on_linear(fixtures, tmp_path):
+    out, targeted = check_merge(fixtures, tmp_path, "sd2", [fixtures / "sd21-lora-kohya.safetensors"], [1.0])
+    mods = kohya_modules("sd2")
+    assert any(t.rows for t in mods.values())
+    proj = mods["lora_unet_down_blocks_0_attentions_0_proj_in"]
+    assert proj.kind == "conv1x1" and len(proj.shape) == 2 and proj.address in targeted
+
+
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_lycoris_families_other_arches(fixtures, tmp_path, arch):
+    # a few modules of each kind per family, written to temp files (in-memory generators, real names)
+    mods = kohya_modules(arch)
+    pick = {}
+    for kind in ("linear", "conv1x1", "conv3x3"):
+        pick.update(dict([kv for kv in mods.items() if kv[1].kind == kind][:3]))
+    pick.update({n: t for n, t in mods.items() if t.rows and "layers_1_" in n})  # q/k/v slices of one layer
+    files = []
+    for i, tensors in enumerate(
+        (
+            synth.make_loha(arch, modules=pick, seed=11),
+            synth.make_loha(arch, modules=pick, seed=12, tucker=True),
+            synth.make_lokr(arch, modules=pick, seed=13),
+            synth.make_locon_tucker(arch, modules=pick, seed=14),
+            synth.make_dora(arch, modules=pick, seed=15),
+        )
+    ):
+        p = tmp_path / f"a{i}.safetensors"
+        save_tensors(p, tensors)
+        files.append(p)
+    check_merge(fixtures, tmp_path, arch, files, [0.5, -1.0, 1.5, 1.0, 0.7], extra=("--arch", arch))
+
+
+def test_sdxl_two_adapters_negative_ratio(fixtures, tmp_path):
+    check_merge(
+        fixtures, tmp_path, "sdxl",
+        [fixtures / "sdxl-lora-kohya.safetensors", fixtures / "sdxl-lora-peft.safetensors"], [0.6, -0.4],
+    )  # fmt: skip
+
+
+def test_deterministic_and_force(fixtures, tmp_path):
+    base, lora = fixtures / "sd15-tiny.safetensors", fixtures / "sd15-lokr.safetensors"
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert main(["merge", str(base), f"{lora}:0.7", "-o", str(a)]) == 0
+    assert main(["merge", str(base), f"{lora}:0.7", "-o", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    before = a.read_bytes()
+    assert main(["merge", str(base), f"{lora}:0.3", "-o", str(a)]) == 2  # exists, no --force
+    assert a.read_bytes() == before
+    assert main(["merge", str(base), f"{lora}:0.3", "-o", str(a), "--force"]) == 0
+    assert a.read_bytes() != before
+
+
+def test_metadata_lineage(fixtures, tmp_path):
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", str(fixtures / "sd15-tiny.safetensors"), str(fixtures / "sd15-lora-kohya.safetensors") + ":-0.5",
+                 "-o", str(out), "--te-ratio", "0.5"]) == 0  # fmt: skip
+    meta = safe_open(str(out), "pt").metadata()
+    assert meta["loratool.synthetic"].startswith("sd1")  # base metadata kept
+    recipe = json.loads(meta["loratool.merge.recipe"])
+    assert recipe["base"] == "sd15-tiny.safetensors"
+    assert recipe["adapters"] == [{"file": "sd15-lora-kohya.safetensors", "ratio": -0.5}]
+    assert recipe["te_ratio"] == 0.5
+
+
+def test_unmapped_is_error_exit_2(fixtures, tmp_path, capsys):
+    tensors = load_file(fixtures / "sd15-lora-kohya.safetensors")
+    tensors["lora_unet_no_such_block.lora_down.weight"] = torch.zeros(4, 5)
+    tensors["lora_unet_no_such_block.lora_up.weight"] = torch.zeros(5, 4)
+    bad = tmp_path / "bad.safetensors"
+    save_tensors(bad, tensors)
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", str(fixtures / "sd15-tiny.safetensors"), str(bad), "-o", str(out)]) == 2
+    assert "lora_unet_no_such_block" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["merge", str(fixtures / "sd15-tiny.safetensors"), str(bad), "-o", str(out), "--allow-unmapped"]) == 0
+    assert "lora_unet_no_such_block" in capsys.readouterr().out
+
+
+def test_arch_mismatch_names_both(fixtures, tmp_path, capsys):
+    rc = main(["merge", str(fixtures / "sd21-tiny.safetensors"), str(fixtures / "sd15-lora-kohya.safetensors"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "SD1.x" in err and "SD2.x" in err
+
+
+def test_dry_run_lists_rows_and_writes_nothing(fixtures, tmp_path, capsys):
+    out = tmp_path / "never.safetensors"
+    rc = main(["merge", str(fixtures / "sd21-tiny.safetensors"), str(fixtures / "sd21-lora-kohya.safetensors"),
+               "-o", str(out), "--dry-run", "--json"])  # fmt: skip
+    assert rc == 0 and not out.exists()
+    data = json.loads(capsys.readouterr().out)
+    rows = [a for a in data["assignments"] if a["rows"]]
+    assert rows and all(a["key"].endswith("in_proj_weight") for a in rows)
+    assert data["changed_keys"] == 370 and data["unmapped"] == []
+
+
+def test_component_ratios(fixtures, tmp_path):
+    base = load_file(fixtures / "sd15-tiny.safetensors")
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", str(fixtures / "sd15-tiny.safetensors"), str(fixtures / "sd15-lora-kohya.safetensors"),
+                 "-o", str(out), "--te-ratio", "0"]) == 0  # fmt: skip
+    merged = load_file(out)
+    te = [k for k in base if k.startswith("cond_stage_model.")]
+    assert all(raw(merged[k]) == raw(base[k]) for k in te)
+    assert not torch.equal(merged["model.diffusion_model.input_blocks.1.1.proj_in.weight"],
+                           base["model.diffusion_model.input_blocks.1.1.proj_in.weight"])  # fmt: skip
+
+
+def test_block_weights_mapping_and_effect(fixtures, tmp_path):
+    mods = kohya_modules("sd1")
+    assert block_of(mods["lora_unet_down_blocks_0_attentions_0_proj_in"]) == "IN01"
+    assert block_of(mods["lora_unet_up_blocks_3_attentions_2_proj_out"]) == "OUT11"
+    assert block_of(mods["lora_unet_mid_block_attentions_0_proj_in"]) == "M00"
+    assert block_of(mods["lora_te_text_model_encoder_layers_0_mlp_fc1"]) == "BASE"
+    assert block_of(kohya_modules("sdxl")["lora_unet_input_blocks_4_1_proj_in"]) == "IN04"
+    bw = parse_block_weights("INALL", "sd1")
+    assert bw.weight_for(mods["lora_unet_up_blocks_1_attentions_0_proj_in"]) == 0.0
+    assert bw.weight_for(mods["lora_unet_down_blocks_1_attentions_0_proj_in"]) == 1.0
+    with pytest.raises(LoratoolError):
+        parse_block_weights("1,1,1", "sd1")
+    with pytest.raises(LoratoolError):
+        parse_block_weights("OUTALL", "sdxl")
+    base = load_file(fixtures / "sd15-tiny.safetensors")
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", str(fixtures / "sd15-tiny.safetensors"), str(fixtures / "sd15-lora-kohya.safetensors"),
+                 "-o", str(out), "--lbw", "INALL"]) == 0  # fmt: skip
+    merged = load_file(out)
+    for k in base:
+        changed = raw(merged[k]) != raw(base[k])
+        if ".output_blocks." in k or ".middle_block." in k:
+            assert not changed, k
+    assert raw(merged["model.diffusion_model.input_blocks.1.1.proj_in.weight"]) != raw(
+        base["model.diffusion_model.input_blocks.1.1.proj_in.weight"]
+    )
+
+
+def test_adapter_args(fixtures, tmp_path):
+    p, r = parse_adapter_arg("<lora:sd15-lora-kohya:0.8>", fixtures)
+    assert p == fixtures / "sd15-lora-kohya.safetensors" and r == 0.8
+    odd = tmp_path / "my:lora.safetensors"
+    shutil.copy(fixtures / "sd15-lora-kohya.safetensors", odd)
+    assert parse_adapter_arg(str(odd)) == (odd, 1.0)
+    assert parse_adapter_arg(f"{odd}:-0.25") == (odd, -0.25)
+    with pytest.raises(LoratoolError, match="not a number"):
+        parse_adapter_arg(f"{odd}:b:c")
+    with pytest.raises(LoratoolError, match="no such file"):
+        parse_adapter_arg(str(tmp_path / "missing.safetensors:0.5"))
+
+
+# ----------------------------------------------------------------------------- LoRA + LoRA
+
+
+def _two_loras(tmp_path):
+    mods = kohya_modules("sd1")
+    pick = {n: t for i, (n, t) in enumerate(mods.items()) if i % 7 == 0}  # every kind, 50 modules
+    a = synth.make_lora("sd1", rank=4, alpha=1.0, seed=21, dtype="F32", modules=pick)
+    b = synth.make_lora("sd1", rank=8, alpha=16.0, seed=22, dtype="F32", modules=pick)
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_tensors(pa, a, {"ss_tag_frequency": json.dumps({"1_x": {"cat": 2, "dog": 1}}), "ss_resolution": "(512, 512)"})
+    save_tensors(pb, b, {"ss_tag_frequency": json.dumps({"1_x": {"cat": 3}, "2_y": {"owl": 4}}), "ss_resolution": "(512, 512)"})
+    return pa, pb
+
+
+def _d(m) -> torch.Tensor:
+    shape = (m.tensors["up"].shape[0], *m.tensors["down"].shape[1:])  # the shrunken weight's shape
+    return delta(m, shape).double()
+
+
+def _delta_sum(paths_ratios):
+    total = {}
+    for p, r in paths_ratios:
+        for name, m in load_adapter(open_file(p)).modules.items():
+            total[name] = total.get(name, 0) + r * _d(m)
+    return total
+
+
+def test_concat_is_exact_with_different_ranks_and_alphas(tmp_path):
+    pa, pb = _two_loras(tmp_path)
+    out = tmp_path / "c.safetensors"
+    assert main(["merge", f"{pa}:0.7", f"{pb}:-1.3", "-o", str(out)]) == 0
+    want = _delta_sum([(pa, 0.7), (pb, -1.3)])
+    got = load_adapter(open_file(out))
+    assert {m.tensors["down"].shape[0] for m in got.modules.values()} == {12}
+    for name, m in got.modules.items():
+        torch.testing.assert_close(_d(m), want[name], rtol=1e-5, atol=1e-6)
+    meta = safe_open(str(out), "pt").metadata()
+    assert json.loads(meta["ss_tag_frequency"]) == {"1_x": {"cat": 5, "dog": 1}, "2_y": {"owl": 4}}
+    assert meta["ss_resolution"] == "(512, 512)" and len(meta["sshs_model_hash"]) == 64
+
+
+def test_svd_error_reported_and_zero_at_full_rank(tmp_path, capsys):
+    pa, pb = _two_loras(tmp_path)
+    full, low = tmp_path / "full.safetensors", tmp_path / "low.safetensors"
+    assert main(["merge", f"{pa}:0.7", f"{pb}:-1.3", "-o", str(full), "--mode", "svd", "--rank", "12", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_rel_error"] < 1e-5
+    want = _delta_sum([(pa, 0.7), (pb, -1.3)])
+    for name, m in load_adapter(open_file(full)).modules.items():
+        torch.testing.assert_close(_d(m), want[name], rtol=1e-4, atol=1e-5)
+    assert main(["merge", f"{pa}:0.7", f"{pb}:-1.3", "-o", str(low), "--mode", "svd", "--rank", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    errors = {m["name"]: m["rel_error"] for m in report["modules"]}
+    for name, m in list(load_adapter(open_file(low)).modules.items())[:5]:
+        actual = float((_d(m) - want[name]).norm() / want[name].norm())
+        assert abs(actual - errors[name]) < 1e-4 and actual > 1e-3
+
+
+def test_lora_merge_refuses_loha(fixtures, tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    args = [str(fixtures / "sd15-lora-kohya.safetensors"), str(fixtures / "sd15-loha.safetensors"), "-o", str(out)]
+    assert main(["merge", *args]) == 2
+    assert "LoRA+LoRA" in capsys.readouterr().err and not out.exists()
+
+
+def test_merge_tag_frequency_sums():
+    metas = [{"ss_tag_frequency": '{"a": {"x": 1}}'}, {"ss_tag_frequency": '{"a": {"x": 2, "y": 1}}'}, {}]
+    assert merge_tag_frequency(metas) == {"a": {"x": 3, "y": 1}}
