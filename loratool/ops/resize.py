@@ -69,20 +69,31 @@ class _Flat:
 
 
 def lora_factors(module: AdapterModule) -> AdapterModule:
-    """The module itself when it is a plain LoRA; other families are refused with the way out."""
+    """The module as plain LoRA factors.
+
+    LoHa / LoKr / full-diff modules go through :func:`loratool.ops.convert.to_lora_factors` (an exact
+    SVD from their factors, kept to 1e-6 relative Frobenius error); DoRA modules are refused, since
+    their ΔW depends on the base weight.
+    """
     if module.family == "lora" and not module.is_dora:
         return module
     label = "DoRA" if module.is_dora else FAMILIES[module.family].label
-    try:  # the converter may expose a LoRA view of other families
-        from .convert import to_lora_factors  # type: ignore[attr-defined]
-    except ImportError:
+    try:
+        from .convert import to_lora_factors
+    except ImportError:  # pragma: no cover - the converter ships with loratool
         to_lora_factors = None
-    if to_lora_factors is not None and not module.is_dora:
-        return to_lora_factors(module)
-    raise DetectionError(
-        f"{module.target.name} is a {label} module; resize works on plain LoRA factors only",
-        hint="convert it first: loratool convert FILE --to lora -o FILE_lora.safetensors",
-    )
+    if module.is_dora:
+        raise DetectionError(
+            f"{module.target.name} is a DoRA module; its ΔW depends on the base weight, so it has no rank to resize",
+            hint="merge it into its base (loratool merge) and extract a LoRA from that (loratool extract)",
+        )
+    if to_lora_factors is None:
+        raise DetectionError(
+            f"{module.target.name} is a {label} module; resize works on plain LoRA factors only",
+            hint="convert it first: loratool convert FILE --to lora -o FILE_lora.safetensors",
+        )
+    down, up, alpha, _ = to_lora_factors(module, rel_tol=1e-6)
+    return AdapterModule(module.target, "lora", {"down": down, "up": up, "alpha": torch.tensor(alpha)})
 
 
 def _flatten(module: AdapterModule) -> _Flat:
