@@ -369,11 +369,11 @@ def _stats(source, specs, det: FileDetection, index: AdapterIndex | None, progre
     for k, s in specs.items():
         if s.dtype in dtypes.FLOAT_NAMES:
             t = source.get(k)
-            t = t.float() if t.dtype not in (torch.float32, torch.float64) else t
-            nan = int(torch.isnan(t).sum())
-            inf = int(torch.isinf(t).sum())
-            if nan or inf:
-                nonfinite.append(NonFinite(k, nan, inf))
+            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                t = t.float()  # fp8 has no isfinite kernel
+            # max |x| is NaN or Inf iff some element is (torch.max propagates NaN); cheaper than isfinite on fp16
+            if t.numel() and not bool(torch.isfinite(t.abs().max())):
+                nonfinite.append(NonFinite(k, int(torch.isnan(t).sum()), int(torch.isinf(t).sum())))
         tick(1)
     blocks: list[BlockNorm] = []
     if det.kind == "adapter" and index is not None and index.modules:

@@ -338,6 +338,34 @@ def training_summary(metadata: Mapping[str, str]) -> tuple[TrainingField, ...]:
 # ----------------------------------------------------------------------------- hash report
 
 
+def file_and_data_sha256(path: str | os.PathLike, is_safetensors: bool = True, chunk: int = 1 << 24) -> tuple[str, str | None]:
+    """``(file_sha256(path), addnet_hash(path))`` in one read of the file (the addnet hash only for safetensors)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    whole = hashlib.sha256()
+    data = hashlib.sha256() if is_safetensors else None
+    # hashlib releases the GIL on large buffers: the two digests run on two cores.
+    with open(path, "rb") as fh, ThreadPoolExecutor(max_workers=1) as pool:
+        skip = 0
+        if data is not None:
+            head = fh.read(8)
+            whole.update(head)
+            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+            skip = n
+        while block := fh.read(chunk):
+            pending = None
+            if data is not None:
+                if skip >= len(block):
+                    skip -= len(block)
+                else:
+                    pending = pool.submit(data.update, memoryview(block)[skip:])
+                    skip = 0
+            whole.update(block)
+            if pending is not None:
+                pending.result()
+    return whole.hexdigest(), data.hexdigest() if data is not None else None
+
+
 @dataclass(frozen=True)
 class HashReport:
     """File hashes as civitai / A1111 / kohya show them, and whether the stored ``sshs_*`` agree.
@@ -368,8 +396,7 @@ def hash_report(
     The stored legacy hash is over kohya's in-memory buffer (header with only ``ss_*`` metadata), so it
     is recomputed with :func:`kohya_hashes` from ``load_tensors()`` when given, else left unchecked.
     """
-    sha = file_sha256(path)
-    addnet = addnet_hash(path) if is_safetensors else None
+    sha, addnet = file_and_data_sha256(path, is_safetensors)
     stored_model = metadata.get("sshs_model_hash")
     stored_legacy = metadata.get("sshs_legacy_hash")
     model_match = legacy_match = None

@@ -225,3 +225,28 @@ def test_stats_block_norm_is_alpha_scaled_frobenius_norm():
     expected = float(torch.linalg.matrix_norm(0.5 * (up2 @ down)))
     assert block.norm == pytest.approx(expected, rel=1e-5)
     assert report.stats.nonfinite == ()
+
+
+@pytest.mark.parametrize(
+    "name,family,dora,tucker",
+    [
+        ("sd15-loha", "LoHa", 0, 0),
+        ("sd15-loha-tucker", "LoHa", 0, 50),
+        ("sd15-lokr", "LoKr", 0, None),
+        ("sd15-locon-tucker", "LoCon", 0, 50),
+        ("sd15-dora", "LoCon + DoRA", 350, 0),
+    ],
+)
+def test_lycoris_fixtures(fixtures, name, family, dora, tucker):
+    from loratool.inspection import inspect_path
+
+    path = fixtures / f"{name}.safetensors"
+    if not path.exists():
+        pytest.skip(f"{path.name} not generated")
+    r = inspect_path(path, stats=True)
+    assert (r.detection.arch, r.detection.naming) == ("sd1", "kohya")
+    assert r.adapter.family == family and r.adapter.dora == dora and not r.adapter.unmapped
+    if tucker is not None:
+        assert r.adapter.tucker == tucker
+    assert r.stats.blocks and all(b.norm > 0 for b in r.stats.blocks)
+    assert sum(b.modules for b in r.stats.blocks) == r.adapter.modules

@@ -129,3 +129,14 @@ def test_stored_sshs_hashes_are_checked(tmp_path):
     assert r.model_match is False and r.legacy_match is False
     r = hash_report(good, {}, load_tensors=None)
     assert r.model_match is None and r.legacy_match is None
+
+
+@pytest.mark.parametrize("header_len", [0, 5, 31, 64])
+@pytest.mark.parametrize("chunk", [1, 7, 32, 1 << 20])
+def test_one_pass_hashes_equal_the_separate_ones(tmp_path, header_len, chunk):
+    from loratool.metadata import file_and_data_sha256
+
+    p = tmp_path / "f.safetensors"
+    p.write_bytes(struct.pack("<Q", header_len) + b"h" * header_len + bytes(range(100)))
+    assert file_and_data_sha256(p, True, chunk) == (file_sha256(p), addnet_hash(p))
+    assert file_and_data_sha256(p, False, chunk) == (file_sha256(p), None)
