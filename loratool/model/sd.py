@@ -124,8 +124,10 @@ def load_model(
     try:
         specs = {k: src.spec(k) for k in src.keys()}
         cfg = infer_config(specs)
-        model = build_model(cfg, "meta")
-        model = model.to_empty(device=device)
+        small = sum(s.numel for s in specs.values()) < 50_000_000
+        # Small models are cheaper to build directly; large ones allocate nothing until to_empty.
+        model = build_model(cfg, "cpu") if small else build_model(cfg, "meta")
+        model = model.to(device) if small else model.to_empty(device=device)
         for name, t in model.state_dict(keep_vars=True).items():
             if name not in specs:
                 if name.endswith("position_ids"):
