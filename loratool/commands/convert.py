@@ -1,11 +1,79 @@
-"""`loratool convert` (not built yet)."""
+"""`loratool convert IN OUT`: containers, dtypes, pruning, LoRA naming, LyCORIS → LoRA, checkpoint layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
-from ..errors import LoratoolError
+DTYPES = ["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]
 
 
 @click.command("convert")
-def command() -> None:
-    """Not implemented yet."""
-    raise LoratoolError("loratool convert is not implemented yet")
+@click.argument("src", metavar="IN", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(["kohya", "peft", "diffusers", "ldm", "lora"]),
+    help="LoRA naming (kohya, peft, diffusers), plain LoRA from LyCORIS (lora), or checkpoint layout (ldm, diffusers).",
+)
+@click.option("--dtype", type=click.Choice(DTYPES), help="Cast float tensors; integer tensors are never touched.")
+@click.option("--prune", is_flag=True, help="Drop EMA weights and training-only state from a full checkpoint.")
+@click.option("--arch", type=click.Choice(["sd1", "sd2", "sdxl"]), help="Force the architecture instead of detecting it.")
+@click.option("--max-rank", type=click.IntRange(min=1), help="LyCORIS → LoRA: cap the output rank (default: exact rank).")
+@click.option(
+    "--max-error",
+    type=click.FloatRange(min=0),
+    default=0.01,
+    show_default=True,
+    help="LyCORIS → LoRA: refuse when a module's relative ΔW error exceeds this.",
+)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (never an input).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as stable JSON on stdout.")
+def command(
+    src: Path,
+    out: Path,
+    to: str | None,
+    dtype: str | None,
+    prune: bool,
+    arch: str | None,
+    max_rank: int | None,
+    max_error: float,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Convert IN to OUT. OUT's extension picks the container (.safetensors, or .ckpt/.pt/.pth/.bin).
+
+    \b
+    loratool convert model.ckpt model.safetensors --dtype fp16 --prune
+    loratool convert lora.safetensors lora-peft.safetensors --to peft
+    loratool convert loha.safetensors lora.safetensors --to lora
+    loratool convert model.safetensors model-folder --to diffusers
+    """
+    from ..dtypes import parse_cli
+    from ..ops.convert import convert
+    from ..render import convert as render
+    from ..source import open_file
+
+    source = open_file(src)
+    try:
+        with render.progress_sink(f"converting {src.name}", enabled=not as_json) as on_progress:
+            report = convert(
+                source,
+                out,
+                to=to,
+                dtype=parse_cli(dtype) if dtype else None,
+                prune=prune,
+                arch=arch,
+                force=force,
+                max_rank=max_rank,
+                max_error=max_error,
+                on_progress=on_progress,
+            )
+    finally:
+        source.close()
+    if as_json:
+        render.render_json(report)
+    else:
+        render.render(report)

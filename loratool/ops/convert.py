@@ -1,0 +1,989 @@
+"""`loratool convert`: containers, dtypes, pruning, LoRA naming and LyCORIS → LoRA.
+
+The file has three parts:
+
+* pure tensor math: :func:`cast_float` (dtype casts with an explicit clamp), :func:`alpha_in_dtype`,
+  :func:`to_lora_factors` (any adapter module → exact or tolerance-bounded LoRA factors);
+* a streaming ``.ckpt`` writer (:class:`CkptWriter`), the pickle counterpart of
+  :class:`~loratool.writer.SafetensorsWriter`;
+* :func:`convert`, which plans the output (keys, shapes, dtypes), streams tensors from the
+  source to the writer and returns a :class:`ConvertReport`. It never prints.
+
+Rounding and range (torch 2.13, checked): every float cast rounds to nearest, ties to even.
+Beyond the target's largest finite value torch would give ``inf`` (fp16, fp8_e5m2) or
+saturate (fp8_e4m3fn); :func:`cast_float` clamps to ``±max`` first for every target and counts
+the clamped elements, so no conversion creates an infinity. NaN stays NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import dtypes
+from ..adapters import AdapterModule, lora_delta, rank_of, scale_of, split_key
+from ..errors import LoratoolError, MappingError, OutputError, listing
+from ..source import PICKLE_SUFFIXES, TensorSpec
+from ..writer import SafetensorsWriter, check_output
+from .lowrank import factored_svd
+
+# ----------------------------------------------------------------------------- dtype casts
+
+# Keys whose dtype a cast leaves alone: the LDM DDPM schedule buffers and the EMA decay are
+# float32 in every release (kohya's merge carries them over unchanged); 1000 values, 48 KB.
+SCHEDULE_BUFFERS = (
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "betas",
+    "log_one_minus_alphas_cumprod",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "posterior_variance",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+)
+KEEP_DTYPE_KEYS = frozenset(SCHEDULE_BUFFERS) | {"model_ema.decay"}
+
+
+def float_max(dtype: str) -> float:
+    """Largest finite value of a float dtype name (``F8_E4M3`` → 448, ``F8_E5M2`` → 57344, ``F16`` → 65504)."""
+    return float(torch.finfo(dtypes.to_torch(dtype)).max)
+
+
+def cast_float(t: torch.Tensor, dtype: str) -> tuple[torch.Tensor, int]:
+    """Cast a float tensor to ``dtype``, clamping to the target's finite range first.
+
+    ``y = round_ne(clamp(x, -max, max))`` where ``max`` is the target's largest finite value and
+    ``round_ne`` is torch's round-to-nearest-even. Integer and bool tensors are returned unchanged.
+
+    Returns:
+        (cast tensor, number of elements with ``|x| > max`` that were clamped, infinities included).
+
+    Example:
+        >>> y, n = cast_float(torch.tensor([1.0, 500.0, -1e6]), "F8_E4M3")
+        >>> y.float().tolist(), n
+        ([1.0, 448.0, -448.0], 2)
+    """
+    if not t.is_floating_point():
+        return t, 0
+    target = dtypes.to_torch(dtype)
+    if t.dtype == target:
+        return t, 0
+    limit = torch.finfo(target).max
+    clamped = 0
+    if torch.finfo(t.dtype).max > limit:
+        over = t.abs() > limit  # NaN compares False and stays NaN
+        clamped = int(over.sum())
+        if clamped:
+            t = t.clamp(-limit, limit)
+    return t.to(target), clamped
+
+
+def alpha_in_dtype(alpha: torch.Tensor, dtype: str) -> torch.Tensor:
+    """A LoRA ``alpha`` in ``dtype`` if that keeps its value exactly, else in float32.
+
+    kohya writes alpha in the save dtype; a value like 0.1 is not exact in fp16 (0.0999755859375),
+    and alpha/rank scales the whole module, so an inexact alpha stays float32 (readers accept any
+    float dtype). Integer alphas (``svd_merge_lora.py`` writes int64) are left unchanged.
+    """
+    if not alpha.is_floating_point():
+        return alpha
+    value = float(alpha.double().reshape(-1)[0])
+    cast, _ = cast_float(alpha, dtype)
+    if float(cast.double().reshape(-1)[0]) == value:
+        return cast
+    as32 = alpha.to(torch.float32)
+    return as32 if float(as32.double().reshape(-1)[0]) == value else alpha
+
+
+# ----------------------------------------------------------------------------- adapter → LoRA factors
+
+DEFAULT_REL_TOL = 1e-4
+
+
+def module_shape(module: AdapterModule) -> tuple[int, ...]:
+    """Shape of the ΔW a module makes, read from its own tensors (so shrunken test files work too).
+
+    Conv kernels come from the target weight (kernels are never shrunk).
+    """
+    t = module.tensors
+    target = module.target.target_shape
+    kernel = tuple(target[2:]) if len(target) == 4 else ()
+    k = math.prod(kernel) if kernel else 1
+    fam = module.family
+    if fam == "lora":
+        down, up = t["down"], t["up"]
+        if "mid" in t:
+            return (up.shape[0], down.shape[1], *t["mid"].shape[2:])
+        if down.dim() == 4:
+            return (up.shape[0], *down.shape[1:]) if kernel or down.shape[2:] != (1, 1) else (up.shape[0], down.shape[1])
+        return (up.shape[0], down.shape[1])
+    if fam == "loha":
+        if "hada_t1" in t:
+            return (t["hada_w1_a"].shape[1], t["hada_w1_b"].shape[1], *t["hada_t1"].shape[2:])
+        out, flat = t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1]
+    elif fam == "lokr":
+        w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
+        if "lokr_w2" in t:
+            w2 = t["lokr_w2"]
+            b, rest = w2.shape[0], math.prod(w2.shape[1:])
+        elif "lokr_t2" in t:
+            b, rest = t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1] * math.prod(t["lokr_t2"].shape[2:])
+        else:
+            b, rest = t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1]
+        out, flat = w1[0] * b, w1[1] * rest
+    elif fam == "full":
+        return tuple(t["diff"].shape)
+    else:
+        raise MappingError(f"{module.target.name}: unknown adapter family {fam!r}")
+    if kernel and flat % k == 0:
+        return (out, flat // k, *kernel)
+    return (out, flat)
+
+
+def _khatri_rao_rows(a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
+    """Row-wise Kronecker product: ``K[i, p·r2 + q] = a1[i, p] · a2[i, q]``."""
+    return (a1.unsqueeze(2) * a2.unsqueeze(1)).reshape(a1.shape[0], -1)
+
+
+def _svd_of(module: AdapterModule, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact thin SVD ``U S Vh`` of the module's *unscaled* ΔW flattened to (out, in·kh·kw).
+
+    LoHa: ``(A1 B1) ⊙ (A2 B2) = K L`` with ``K = A1 ⊙ᵣ A2`` (out, r1·r2, row-wise Kronecker) and
+    ``L[p·r2+q] = B1[p] ⊙ B2[q]`` (r1·r2, in), so rank ≤ r1·r2 and the SVD comes from the factors.
+    LoKr: ``kron(W1, W2) = kron(U1, U2) kron(S1, S2) kron(V1, V2)ᵀ``, rank = rank(W1)·rank(W2).
+    Anything else (Tucker cores, full diffs, DoRA-free LoRA with too high a rank) is SVD'd densely.
+    """
+    t = {k: v.float() for k, v in module.tensors.items() if k not in ("alpha", "dora_scale")}
+    out = shape[0]
+    fam = module.family
+    if fam == "loha" and "hada_t1" not in t:
+        k = _khatri_rao_rows(t["hada_w1_a"], t["hada_w2_a"])
+        b1, b2 = t["hada_w1_b"], t["hada_w2_b"]
+        left = (b1.unsqueeze(1) * b2.unsqueeze(0)).reshape(-1, b1.shape[1])
+        return factored_svd(k, left)
+    if fam == "lora" and "mid" not in t:
+        return factored_svd(t["up"].reshape(out, -1), t["down"].reshape(t["down"].shape[0], -1))
+    if fam == "lokr" and "lokr_t2" not in t:
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+        w2 = w2.reshape(w2.shape[0], -1)
+        u1, s1, vh1 = torch.linalg.svd(w1, full_matrices=False)
+        u2, s2, vh2 = torch.linalg.svd(w2, full_matrices=False)
+        s = torch.kron(s1, s2)
+        order = torch.argsort(s, descending=True)
+        return torch.kron(u1, u2)[:, order], s[order], torch.kron(vh1, vh2)[order]
+    from ..adapters import delta
+
+    dense = delta(AdapterModule(module.target, fam, {k: v for k, v in module.tensors.items() if k != "alpha"}), shape)
+    return torch.linalg.svd(dense.reshape(out, -1), full_matrices=False)
+
+
+def to_lora_factors(
+    module: AdapterModule,
+    max_rank: int | None = None,
+    rel_tol: float = DEFAULT_REL_TOL,
+    shape: tuple[int, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Plain LoRA factors (down, up, alpha) for any adapter module, with the relative error made.
+
+    * LoRA without ``mid``, rank ≤ ``max_rank``: the module's own factors and alpha (error 0).
+    * LoCon with ``mid`` (Tucker): ``down'[a,i,:,:] = Σ_b mid[a,b,:,:]·down[b,i]`` (exact, rank kept).
+    * LoHa, LoKr, full diffs, or any LoRA above ``max_rank``: exact SVD ``ΔW = U S Vh`` (from the
+      factors, see :func:`_svd_of`), truncated at the smallest rank k whose dropped tail satisfies
+      ``‖ΔW − ΔW_k‖_F / ‖ΔW‖_F = sqrt(Σ_{j>k} s_j²) / sqrt(Σ s_j²) ≤ rel_tol`` (and k ≤ ``max_rank``).
+      ``up = U_k·sqrt(S_k)``, ``down = sqrt(S_k)·Vh_k``, ``alpha = k`` (scale 1), so
+      ``up @ down = (alpha_in/r_in)·ΔW_k`` — the input's scale is folded into the factors.
+
+    Args:
+        module: an adapter module (``dora_scale`` is ignored here: ΔW is preserved, so the caller
+            may carry the DoRA magnitude over unchanged).
+        max_rank: cap on the output rank (None: only the tolerance decides).
+        rel_tol: relative Frobenius tolerance for dropping singular values.
+        shape: ΔW shape; defaults to :func:`module_shape`.
+
+    Returns:
+        ``(down, up, alpha, rel_error)`` in float32 — down ``(k, in)`` / up ``(out, k)`` for 2-D ΔW,
+        down ``(k, in, kh, kw)`` / up ``(out, k, 1, 1)`` for conv ΔW; ``rel_error`` is the relative
+        Frobenius error of the returned factors against the module's scaled ΔW.
+
+    Example:
+        >>> from loratool.layouts import ModuleTarget
+        >>> tgt = ModuleTarget("m", "linear", "w", None, (8, 6), "unet/w.weight")
+        >>> g = torch.Generator().manual_seed(0)
+        >>> t = {k: torch.randn(*s, generator=g) for k, s in
+        ...      {"hada_w1_a": (8, 2), "hada_w1_b": (2, 6), "hada_w2_a": (8, 2), "hada_w2_b": (2, 6)}.items()}
+        >>> down, up, alpha, err = to_lora_factors(AdapterModule(tgt, "loha", t))
+        >>> down.shape[0] <= 4 and err < 1e-4
+        True
+    """
+    shape = tuple(shape or module_shape(module))
+    t = {k: v.float() for k, v in module.tensors.items()}
+    fam = module.family
+    if fam == "lora":
+        r = t["down"].shape[0]
+        alpha = module.alpha if module.alpha is not None else float(r)
+        if max_rank is None or r <= max_rank:
+            down = t["down"]
+            if "mid" in t:
+                mid = t["mid"]
+                down = torch.einsum("ab...,bi->ai...", mid, down.reshape(r, -1))
+            return _shaped(down, t["up"], shape) + (alpha, 0.0)
+    u, s, vh = _svd_of(module, shape)
+    scale = scale_of(fam, t)
+    s = s * abs(scale)
+    total = float((s.double() ** 2).sum())
+    if total == 0.0:
+        k = 1
+        err = 0.0
+    else:
+        tail = torch.flip(torch.cumsum(torch.flip(s.double() ** 2, [0]), 0), [0])  # tail[j] = Σ_{i≥j} s_i²
+        tail = torch.cat([tail[1:], tail.new_zeros(1)])  # energy dropped when keeping j+1 values
+        ok = (tail / total) <= rel_tol**2
+        k = int(torch.nonzero(ok)[0]) + 1 if bool(ok.any()) else s.numel()
+        if max_rank is not None:
+            k = max(1, min(k, max_rank))
+        err = math.sqrt(max(0.0, float(tail[k - 1]) / total))
+    root = s[:k].sqrt()
+    up = u[:, :k] * root * (1.0 if scale >= 0 else -1.0)
+    down = root[:, None] * vh[:k]
+    return _shaped(down, up, shape) + (float(k), err)
+
+
+def _shaped(down: torch.Tensor, up: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    k = down.shape[0]
+    if len(shape) == 4:
+        return down.reshape(k, *shape[1:]), up.reshape(shape[0], k, 1, 1)
+    return down.reshape(k, -1), up.reshape(shape[0], k)
+
+
+# ----------------------------------------------------------------------------- .ckpt writer
+
+# torch.save writes these dtypes as typed storages with _rebuild_tensor_v2; newer dtypes (fp8)
+# as an UntypedStorage (numel = bytes) with _rebuild_tensor_v3 and the dtype.
+_LEGACY_STORAGE = {
+    torch.float64: "DoubleStorage",
+    torch.float32: "FloatStorage",
+    torch.float16: "HalfStorage",
+    torch.bfloat16: "BFloat16Storage",
+    torch.int64: "LongStorage",
+    torch.int32: "IntStorage",
+    torch.int16: "ShortStorage",
+    torch.int8: "CharStorage",
+    torch.uint8: "ByteStorage",
+    torch.bool: "BoolStorage",
+}
+_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    record: str
+    dtype: torch.dtype
+    numel: int
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    storage: _StorageRef
+    shape: tuple[int, ...]
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for d in reversed(shape):
+        stride.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(stride))
+
+
+class _RefPickler(pickle.Pickler):
+    """Pickles tensor placeholders exactly as ``torch.save`` pickles tensors (storages by reference)."""
+
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            if obj.dtype in _LEGACY_STORAGE:
+                return ("storage", getattr(torch, _LEGACY_STORAGE[obj.dtype]), obj.record, "cpu", obj.numel)
+            nbytes = obj.numel * torch.empty((), dtype=obj.dtype).element_size()
+            return ("storage", torch.UntypedStorage, obj.record, "cpu", nbytes)
+        return None
+
+    def reducer_override(self, obj):
+        if isinstance(obj, _TensorRef):
+            args = (obj.storage, 0, obj.shape, _contiguous_stride(obj.shape), False, OrderedDict())
+            if obj.storage.dtype in _LEGACY_STORAGE:
+                return torch._utils._rebuild_tensor_v2, args
+            return torch._utils._rebuild_tensor_v3, (*args, obj.storage.dtype)
+        return NotImplemented
+
+
+class CkptWriter:
+    """Write a zip-format torch file (what ``torch.save`` writes) tensor by tensor.
+
+    The pickle (``archive/data.pkl``) only names storages, so it is written first from the planned
+    specs; each tensor's bytes then go to their own stored (uncompressed) record, 64-byte aligned
+    like torch's (``torch.load(..., mmap=True)`` works). Memory is bounded by the largest tensor.
+    ``torch.load(path, weights_only=True)`` and loratool's allow-list reader both read the result.
+
+    Args:
+        path: output file; ``wrap``: put the tensors under ``{"state_dict": ...}`` (full checkpoints,
+            as LDM/A1111 expect) or write the plain dict (LoRAs, as kohya's loaders expect).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: Mapping[str, TensorSpec],
+        metadata: Mapping[str, str] | None = None,
+        inputs: Iterable[str | os.PathLike] = (),
+        force: bool = False,
+        wrap: bool = True,
+    ):
+        self.path = check_output(Path(path), inputs, force)
+        self.specs = dict(specs)
+        self.metadata = dict(metadata or {})
+        self._records = {k: str(i) for i, k in enumerate(self.specs)}
+        self._written: set[str] = set()
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._done = False
+        try:
+            self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+            refs = {
+                k: _TensorRef(_StorageRef(self._records[k], dtypes.to_torch(s.dtype), s.numel), tuple(s.shape))
+                for k, s in self.specs.items()
+            }
+            obj = {"state_dict": refs} if wrap else refs
+            import io
+
+            buf = io.BytesIO()
+            _RefPickler(buf, protocol=2).dump(obj)
+            self._record("data.pkl", buf.getvalue())
+        except OSError as exc:
+            self._abort()
+            raise OutputError(f"cannot create {self.path}: {exc.strerror}", hint="check the folder and free disk space") from None
+
+    def _record(self, name: str, data: bytes | memoryview) -> None:
+        info = zipfile.ZipInfo(f"archive/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_STORED
+        size = len(data) if isinstance(data, bytes) else data.nbytes
+        zip64 = size > 0x7FFFFFFF
+        # Local header: 30 bytes + name + extra (+ 20 bytes zip64 extra). Pad the extra field so the
+        # record's data starts on a 64-byte boundary (torch's own files do the same).
+        start = self._zip.fp.tell()
+        base = 30 + len(info.filename.encode()) + (20 if zip64 else 0) + 4
+        pad = (-(start + base)) % _ALIGN
+        info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad
+        with self._zip.open(info, "w", force_zip64=zip64) as fh:
+            fh.write(data)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor (cast to its planned dtype; the shape must match)."""
+        if key not in self.specs or key in self._written:
+            raise LoratoolError(f"internal: tensor {key!r} not planned or written twice for {self.path}")
+        spec = self.specs[key]
+        if tuple(tensor.shape) != spec.shape:
+            raise LoratoolError(f"internal: tensor {key!r} has shape {tuple(tensor.shape)}, planned {spec.shape}")
+        t = tensor.detach().to("cpu")
+        want = dtypes.to_torch(spec.dtype)
+        if t.dtype != want:
+            t = t.to(want)
+        t = t.contiguous().reshape(-1)
+        try:
+            self._record(f"data/{self._records[key]}", memoryview(t.view(torch.uint8).numpy()))
+        except OSError as exc:
+            self._abort()
+            raise OutputError(f"writing {self.path} failed: {exc.strerror}", hint="free disk space and retry") from None
+        self._written.add(key)
+
+    def finalize(self, metadata: Mapping[str, str] | None = None) -> Path:
+        """Write the version records, close the archive and rename it into place. Metadata is not stored."""
+        missing = [k for k in self.specs if k not in self._written]
+        if missing:
+            self._abort()
+            raise LoratoolError(f"internal: {len(missing)} planned tensors never written, e.g. {missing[0]}")
+        try:
+            self._record("version", b"3\n")
+            self._record("byteorder", b"little")
+            self._zip.close()
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
+            self._abort()
+            raise OutputError(f"writing {self.path} failed: {exc.strerror}", hint="free disk space and retry") from None
+        self._done = True
+        return self.path
+
+    def _abort(self) -> None:
+        try:
+            self._zip.close()
+        except Exception:  # noqa: BLE001 - closing a half-written archive may fail any way; the file is deleted
+            pass
+        try:
+            self._tmp.unlink()
+        except OSError:
+            pass
+        self._done = True
+
+    def __enter__(self) -> CkptWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._abort()
+        elif not self._done:
+            self.finalize()
+
+
+def container_of(path: Path) -> str:
+    """``safetensors`` or ``pickle``, from the output file's extension."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in PICKLE_SUFFIXES:
+        return "pickle"
+    raise OutputError(
+        f"{path}: cannot tell the output container from the extension {suffix or '(none)'!r}",
+        hint="name the output .safetensors, or .ckpt/.pt/.pth/.bin for a torch pickle",
+    )
+
+
+def open_writer(
+    out: Path, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str], inputs: Iterable, force: bool, wrap: bool
+):
+    """The writer for ``out``'s container (both have ``write(key, tensor)`` and ``finalize(metadata)``)."""
+    if container_of(out) == "safetensors":
+        return SafetensorsWriter(out, specs, metadata, inputs=inputs, force=force)
+    return CkptWriter(out, specs, metadata, inputs=inputs, force=force, wrap=wrap)
+
+
+# ----------------------------------------------------------------------------- prune rules
+
+# What --prune drops from a full checkpoint, and why. Anything else is kept.
+PRUNE_RULES: tuple[tuple[str, str], ...] = (
+    ("model_ema.", "EMA shadow weights and their counters (model_ema.decay, model_ema.num_updates)"),
+    ("first_stage_model.loss.", "VAE training loss: LPIPS and discriminator weights"),
+    ("loss.", "training loss weights"),
+    ("optimizer.", "optimizer state"),
+    ("optimizer_states.", "optimizer state"),
+    ("lr_scheduler", "learning-rate scheduler state"),
+)
+
+
+def prune_reason(key: str) -> str | None:
+    """Why ``--prune`` drops ``key`` (None: kept)."""
+    for prefix, reason in PRUNE_RULES:
+        if key.startswith(prefix):
+            return reason
+    return None
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class ModuleResult:
+    """One adapter module in a naming / family conversion."""
+
+    name: str
+    family: str
+    rank_in: int | None
+    rank_out: int
+    rel_error: float
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """What ``convert`` did; the CLI renders it (``--json`` dumps :meth:`to_dict`)."""
+
+    input: str
+    output: str
+    kind: str  # checkpoint | adapter | tensors
+    container_in: str
+    container_out: str
+    tensors_in: int
+    tensors_out: int
+    bytes_out: int
+    dtype: str | None = None
+    arch: str | None = None
+    naming_in: str | None = None
+    naming_out: str | None = None
+    families_in: tuple[str, ...] = ()
+    pruned: tuple[tuple[str, str], ...] = ()  # (key, reason)
+    clamped: tuple[tuple[str, int], ...] = ()  # (key, elements clamped)
+    kept_dtype: tuple[str, ...] = ()
+    modules: tuple[ModuleResult, ...] = ()
+    max_rel_error: float = 0.0
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        pruned: dict[str, list[str]] = {}
+        for key, reason in self.pruned:
+            pruned.setdefault(reason, []).append(key)
+        return {
+            "input": self.input,
+            "output": self.output,
+            "kind": self.kind,
+            "container_in": self.container_in,
+            "container_out": self.container_out,
+            "tensors_in": self.tensors_in,
+            "tensors_out": self.tensors_out,
+            "bytes_out": self.bytes_out,
+            "dtype": self.dtype,
+            "arch": self.arch,
+            "naming_in": self.naming_in,
+            "naming_out": self.naming_out,
+            "families_in": list(self.families_in),
+            "pruned": {
+                "count": len(self.pruned),
+                "by_reason": {r: {"count": len(k), "examples": k[:3]} for r, k in pruned.items()},
+            },
+            "clamped": {"tensors": len(self.clamped), "elements": sum(n for _, n in self.clamped),
+                        "examples": [f"{k} ({n})" for k, n in self.clamped[:3]]},
+            "kept_dtype": list(self.kept_dtype),
+            "modules": len(self.modules),
+            "modules_refactored": [
+                {"name": m.name, "family": m.family, "rank_in": m.rank_in, "rank_out": m.rank_out, "rel_error": m.rel_error}
+                for m in self.modules
+                if m.family != "lora" or m.rank_in != m.rank_out or m.rel_error > 0
+            ],
+            "max_rel_error": self.max_rel_error,
+            "notes": list(self.notes),
+        }
+
+
+Progress = Callable[[int, int, str], None]
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+def classify(source) -> str:
+    """``adapter`` (most keys carry a LoRA/LyCORIS suffix), ``checkpoint`` (a known SD layout) or ``tensors``."""
+    if getattr(source, "format", "") == "diffusers":
+        return "checkpoint"
+    keys = source.keys()
+    if not keys:
+        return "tensors"
+    adapter_keys = sum(1 for k in keys if split_key(k) is not None)
+    if adapter_keys * 2 >= len(keys):
+        return "adapter"
+    from ..detect import MIN_SCORE, score_checkpoint
+
+    specs = {k: source.spec(k) for k in keys}
+    if score_checkpoint(specs)[0].score >= MIN_SCORE:
+        return "checkpoint"
+    kept = {k: s for k, s in specs.items() if not prune_reason(k)}
+    if kept and len(kept) < len(specs) and score_checkpoint(kept)[0].score >= MIN_SCORE:
+        return "checkpoint"  # a training checkpoint full of EMA copies scores low until those are set aside
+    return "tensors"
+
+
+# ----------------------------------------------------------------------------- container / dtype / prune copy
+
+
+def _copy(
+    source,
+    out: Path,
+    kind: str,
+    dtype: str | None,
+    prune: bool,
+    force: bool,
+    on_progress: Progress | None,
+) -> ConvertReport:
+    """Stream every tensor from ``source`` to ``out`` (keys unchanged), casting and pruning as asked."""
+    keys = source.keys()
+    pruned = [(k, r) for k in keys if prune and (r := prune_reason(k))]
+    dropped = {k for k, _ in pruned}
+    kept = [k for k in keys if k not in dropped]
+    specs: dict[str, TensorSpec] = {}
+    kept_dtype: list[str] = []
+    alphas: dict[str, torch.Tensor] = {}
+    notes: list[str] = []
+    for k in kept:
+        spec = source.spec(k)
+        dt = spec.dtype
+        if dtype and dt in dtypes.FLOAT_NAMES and dt != dtype:
+            if k in KEEP_DTYPE_KEYS:
+                kept_dtype.append(k)
+            elif kind == "adapter" and k.endswith(".alpha") and spec.numel == 1:
+                alphas[k] = alpha_in_dtype(source.get(k), dtype)
+                dt = dtypes.name_of(alphas[k].dtype)
+                if dt != dtype:
+                    notes.append(f"{k} = {float(alphas[k])} is not exact in {dtype}; kept as {dt}")
+            else:
+                dt = dtype
+        specs[k] = TensorSpec(spec.shape, dt)
+    container_out = container_of(out)
+    metadata = dict(source.metadata)
+    extras = getattr(source, "extras", None)
+    if extras:
+        notes.append(f"dropped {len(extras)} non-tensor entries of the pickle: {listing(sorted(map(str, extras)), 6)}")
+    if container_out == "pickle" and metadata:
+        notes.append(f"dropped {len(metadata)} metadata entries: a torch pickle has no metadata field")
+    if kind == "adapter" and container_out == "safetensors" and "sshs_model_hash" in metadata:
+        metadata.pop("sshs_model_hash", None)
+        metadata.pop("sshs_legacy_hash", None)
+        fresh = True
+    else:
+        fresh = False
+    clamped: list[tuple[str, int]] = []
+    wrap = kind == "checkpoint"
+    writer = open_writer(out, specs, metadata, [source.path], force, wrap)
+    with writer:
+        for i, k in enumerate(kept):
+            t = alphas[k] if k in alphas else source.get(k)
+            if specs[k].dtype != dtypes.name_of(t.dtype) and t.is_floating_point():
+                t, n = cast_float(t, specs[k].dtype)
+                if n:
+                    clamped.append((k, n))
+            writer.write(k, t)
+            del t
+            if on_progress:
+                on_progress(i + 1, len(kept), k)
+        if fresh:
+            metadata = _rehash_cast(metadata, source, kept, specs, alphas)
+        writer.finalize(metadata if container_out == "safetensors" else None)
+    if clamped:
+        notes.append(
+            f"clamped {sum(n for _, n in clamped)} values in {len(clamped)} tensors to ±{float_max(dtype or 'F32'):g}"
+        )
+    return ConvertReport(
+        input=str(source.path),
+        output=str(out),
+        kind=kind,
+        container_in=source.format,
+        container_out=container_out,
+        tensors_in=len(keys),
+        tensors_out=len(kept),
+        bytes_out=out.stat().st_size,
+        dtype=dtype,
+        pruned=tuple(pruned),
+        clamped=tuple(clamped),
+        kept_dtype=tuple(kept_dtype),
+        notes=tuple(notes),
+    )
+
+
+def _rehash_cast(metadata, source, kept, specs, alphas) -> dict[str, str]:
+    """kohya hashes of the tensors as written (cast to their planned dtypes)."""
+    from ..metadata import with_hashes
+
+    tensors = {}
+    for k in kept:
+        t = alphas[k] if k in alphas else source.get(k)
+        if t.is_floating_point():
+            t, _ = cast_float(t, specs[k].dtype)
+        tensors[k] = t
+    return with_hashes(tensors, metadata)
+
+
+# ----------------------------------------------------------------------------- LoRA naming / family
+
+
+ADAPTER_TARGETS = ("kohya", "peft", "diffusers", "lora")
+PEFT_ALPHA_KEY = "loratool.lora_alpha"
+
+
+def _native_keys(target, naming: str) -> tuple[str, str, str | None]:
+    """(down key, up key, alpha key or None) of a LoRA module in ``naming``."""
+    if naming == "kohya":
+        return f"{target.name}.lora_down.weight", f"{target.name}.lora_up.weight", f"{target.name}.alpha"
+    if naming == "peft":
+        return f"{target.peft_module}.lora_A.weight", f"{target.peft_module}.lora_B.weight", None
+    mid = "lora" if target.component == "unet" else "lora_linear_layer"
+    return f"{target.peft_module}.{mid}.down.weight", f"{target.peft_module}.{mid}.up.weight", None
+
+
+def _out_shapes(target, naming: str, down: torch.Tensor, up: torch.Tensor, keep_rank: tuple | None):
+    """Reshape factors for the output naming.
+
+    kohya: 4-D factors for conv modules (also its 1x1-conv LoRA on SD2's linear proj weights),
+    2-D for linear ones. PEFT / diffusers: the rank of the model weight in diffusers (SD2/SDXL
+    proj layers are Linear there, so SD2's 1x1-conv LoRA is squeezed — exact).
+    ``keep_rank``: (down shape, up shape) of the input when it already uses this naming: kept.
+    """
+    k = down.shape[0]
+    if keep_rank:
+        return down.reshape(keep_rank[0]), up.reshape(keep_rank[1])
+    if naming == "kohya":
+        four_d = target.kind.startswith("conv")
+    else:
+        four_d = len(target.shape) == 4
+    if four_d:
+        if down.dim() == 2:
+            return down.reshape(k, -1, 1, 1), up.reshape(up.shape[0], k, 1, 1)
+        return down, up.reshape(up.shape[0], k, 1, 1)
+    if down.dim() == 4 and math.prod(down.shape[2:]) != 1:
+        raise MappingError(f"{target.name}: a {tuple(down.shape[2:])} conv LoRA cannot target a linear weight")
+    return down.reshape(k, -1), up.reshape(up.shape[0], k)
+
+
+def _convert_adapter(
+    source,
+    out: Path,
+    to: str,
+    dtype: str | None,
+    arch: str | None,
+    force: bool,
+    max_rank: int | None,
+    max_error: float,
+    rel_tol: float,
+    on_progress: Progress | None,
+) -> ConvertReport:
+    from ..adapters import load_adapter
+
+    loaded = load_adapter(source, arch=arch)
+    naming_in = loaded.naming
+    naming_out = naming_in if to == "lora" else to
+    if naming_out not in ("kohya", "peft", "diffusers"):
+        naming_out = "kohya"
+    recorded = {}
+    if naming_out == "kohya" and PEFT_ALPHA_KEY in source.metadata:
+        try:
+            recorded = {str(k): float(v) for k, v in json.loads(source.metadata[PEFT_ALPHA_KEY]).items()}
+        except (TypeError, ValueError):
+            recorded = {}
+    bad = [name for name, m in loaded.modules.items() if "diff_b" in m.tensors]
+    if bad:
+        raise MappingError(
+            f"{source.path}: {len(bad)} modules carry a bias difference (diff_b), which a LoRA cannot hold: {listing(bad, 4)}",
+            hint="keep this file in its LyCORIS format",
+        )
+    dora = [name for name, m in loaded.modules.items() if m.is_dora]
+    if dora and naming_out != "kohya":
+        raise MappingError(
+            f"{source.path}: {len(dora)} DoRA modules: {listing(dora, 4)}; PEFT's magnitude vector is per output row, "
+            "LyCORIS' dora_scale per input column, so they do not convert",
+            hint="convert DoRA files with --to kohya only",
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    results: list[ModuleResult] = []
+    too_far: list[str] = []
+    alphas_out: dict[str, float] = {}
+    notes: list[str] = []
+    for i, (name, module) in enumerate(sorted(loaded.modules.items())):
+        target = module.target
+        rank_in = rank_of(module.family, module.tensors)
+        src_dtype = module.tensors.get("down", next(iter(module.tensors.values()))).dtype
+        down, up, alpha, err = to_lora_factors(module, max_rank=max_rank, rel_tol=rel_tol)
+        if err > max_error:
+            too_far.append(f"{name} ({err:.3g})")
+        k = down.shape[0]
+        keep_rank = None
+        if naming_in == naming_out and module.family == "lora" and "mid" not in module.tensors and k == rank_in:
+            keep_rank = (module.tensors["down"].shape, module.tensors["up"].shape)
+        down, up = _out_shapes(target, naming_out, down, up, keep_rank)
+        dk, uk, ak = _native_keys(target, naming_out)
+        if naming_out == "kohya":
+            original = recorded.get(target.peft_module)
+            if original and naming_in != "kohya" and original != 0 and k == rank_in:
+                up = up * (k / original)  # undo the fold a PEFT export made
+                alpha = original
+            out_alpha = _alpha_tensor(module, alpha, k, dtype or dtypes.name_of(src_dtype))
+            tensors[ak] = out_alpha
+        else:
+            up = up * (alpha / k)  # fold alpha/rank into lora_B; lora_alpha = rank reproduces ΔW
+            alphas_out[target.peft_module] = alpha
+        out_dt = dtypes.to_torch(dtype) if dtype else src_dtype
+        tensors[dk] = down.to(out_dt) if not dtype else down
+        tensors[uk] = up.to(out_dt) if not dtype else up
+        if module.is_dora:
+            tensors[f"{target.name}.dora_scale"] = module.tensors["dora_scale"]
+        results.append(ModuleResult(name, module.family, rank_in, k, err))
+        if on_progress:
+            on_progress(i + 1, len(loaded.modules), name)
+    if too_far:
+        raise MappingError(
+            f"{source.path}: {len(too_far)} modules exceed --max-error {max_error:g} as LoRA: {listing(too_far, 4)}",
+            hint="raise --max-rank (or leave it unset), or raise --max-error to accept the loss",
+        )
+    out_dtype = dtype
+    specs = {}
+    clamped: list[tuple[str, int]] = []
+    for key, t in list(tensors.items()):
+        if out_dtype and t.is_floating_point() and not key.endswith(".alpha"):
+            t, n = cast_float(t.float(), out_dtype)
+            if n:
+                clamped.append((key, n))
+            tensors[key] = t
+        specs[key] = TensorSpec(tuple(t.shape), dtypes.name_of(t.dtype))
+    metadata = {k: v for k, v in source.metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash", PEFT_ALPHA_KEY)}
+    if naming_out != "kohya":
+        metadata.setdefault("format", "pt")
+        if any(alphas_out[m] != results[j].rank_out for j, m in enumerate(sorted(alphas_out))) or naming_in == "kohya":
+            metadata[PEFT_ALPHA_KEY] = json.dumps(alphas_out, sort_keys=True)
+    elif container_of(out) == "safetensors" and ("sshs_model_hash" in source.metadata or naming_in != "kohya"):
+        from ..metadata import with_hashes
+
+        metadata = with_hashes(tensors, metadata)
+    fams = sorted(loaded.families)
+    if naming_in != naming_out:
+        notes.append(f"renamed {len(results)} modules {naming_in} → {naming_out}")
+    if naming_out != "kohya":
+        notes.append("alpha/rank folded into lora_B (load with lora_alpha = rank); original alphas in metadata " + PEFT_ALPHA_KEY)
+    refactored = [m for m in results if m.family != "lora" or m.rank_in != m.rank_out]
+    if refactored:
+        worst = max(m.rel_error for m in results)
+        notes.append(f"{len(refactored)} modules refactored to plain LoRA (max relative error {worst:.2e})")
+    if container_of(out) == "pickle" and metadata:
+        notes.append(f"dropped {len(metadata)} metadata entries: a torch pickle has no metadata field")
+    with open_writer(out, specs, metadata, [source.path], force, wrap=False) as writer:
+        for key in specs:
+            writer.write(key, tensors[key])
+        writer.finalize(metadata if container_of(out) == "safetensors" else None)
+    return ConvertReport(
+        input=str(source.path),
+        output=str(out),
+        kind="adapter",
+        container_in=source.format,
+        container_out=container_of(out),
+        tensors_in=len(source.keys()),
+        tensors_out=len(specs),
+        bytes_out=out.stat().st_size,
+        dtype=dtype,
+        arch=loaded.arch,
+        naming_in=naming_in,
+        naming_out=naming_out,
+        families_in=tuple(fams),
+        clamped=tuple(clamped),
+        modules=tuple(results),
+        max_rel_error=max((m.rel_error for m in results), default=0.0),
+        notes=tuple(notes),
+    )
+
+
+def _alpha_tensor(module: AdapterModule, alpha: float, k: int, dtype: str) -> torch.Tensor:
+    """The output alpha: the input's own tensor when the value is unchanged, else a new scalar."""
+    old = module.tensors.get("alpha")
+    if old is not None and float(old.double().reshape(-1)[0]) == alpha:
+        return alpha_in_dtype(old, dtype)
+    return alpha_in_dtype(torch.tensor(alpha, dtype=torch.float64), dtype)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+TARGETS = ("kohya", "peft", "diffusers", "ldm", "lora")
+
+
+def convert(
+    source,
+    out: str | os.PathLike,
+    to: str | None = None,
+    dtype: str | None = None,
+    prune: bool = False,
+    arch: str | None = None,
+    force: bool = False,
+    max_rank: int | None = None,
+    max_error: float = 0.01,
+    rel_tol: float = DEFAULT_REL_TOL,
+    on_progress: Progress | None = None,
+):
+    """Convert one model file; the output's extension decides its container.
+
+    Args:
+        source: an open :class:`~loratool.source.TensorSource`.
+        out: output file (``.safetensors`` or ``.ckpt``/``.pt``/``.pth``/``.bin``), or a folder for
+            ``to="diffusers"`` on a full checkpoint.
+        to: ``None`` (same naming; container, dtype, prune only), ``kohya`` / ``peft`` /
+            ``diffusers`` (LoRA naming; for a full checkpoint ``diffusers`` means the folder layout),
+            ``ldm`` (full checkpoint → single file), ``lora`` (plain LoRA, same naming).
+        dtype: safetensors dtype name (``F16``, ``BF16``, ``F32``, ``F8_E4M3``, ``F8_E5M2``) for float tensors.
+        prune: drop :data:`PRUNE_RULES` keys (full checkpoints).
+        arch: ``sd1`` / ``sd2`` / ``sdxl`` instead of detection.
+        max_rank, max_error, rel_tol: LyCORIS → LoRA refactoring (see :func:`to_lora_factors`).
+        on_progress: called as ``(done, total, name)`` after each tensor or module.
+
+    Returns:
+        :class:`ConvertReport` (or the checkpoint converter's report for ``ldm``/``diffusers`` layout changes).
+
+    Raises:
+        LoratoolError: unmappable keys, an existing output without ``force``, an unknown target.
+    """
+    out = Path(out)
+    if to is not None and to not in TARGETS:
+        raise LoratoolError(f"unknown conversion target {to!r}", hint=f"use one of {', '.join(TARGETS)}")
+    kind = classify(source)
+    if kind == "adapter":
+        if prune:
+            raise LoratoolError("--prune is for full checkpoints; an adapter has no EMA or training state to drop")
+        if to == "ldm":
+            raise LoratoolError(
+                f"{source.path} is a LoRA/LyCORIS file; --to ldm converts full checkpoints",
+                hint="for a LoRA use --to kohya, peft, diffusers or lora",
+            )
+        if to is None:
+            check_output(out, [source.path], force)
+            return _copy(source, out, kind, dtype, prune, force, on_progress)
+        check_output(out, [source.path], force)
+        container_of(out)
+        return _convert_adapter(source, out, to, dtype, arch, force, max_rank, max_error, rel_tol, on_progress)
+    if to in ("kohya", "peft", "lora"):
+        raise LoratoolError(
+            f"{source.path} is not a LoRA/LyCORIS file (it looks like a {kind}); --to {to} converts adapters",
+            hint="for a full checkpoint use --to ldm or --to diffusers, or leave --to out to change container/dtype",
+        )
+    layout_change = to in ("ldm", "diffusers") and (to == "diffusers") != (source.format == "diffusers")
+    if source.format == "diffusers" and to is None:
+        raise LoratoolError(
+            f"{source.path} is a diffusers folder; name the output layout",
+            hint="--to ldm writes a single file; --to diffusers copies the folder",
+        )
+    if layout_change or (source.format == "diffusers"):
+        return _convert_checkpoint(source, out, to or "ldm", dtype, prune, arch, force, on_progress)
+    check_output(out, [source.path], force)
+    container_of(out)
+    return _copy(source, out, kind, dtype, prune, force, on_progress)
+
+
+def _convert_checkpoint(source, out, to, dtype, prune, arch, force, on_progress):
+    """Full-checkpoint layout change (single file ↔ diffusers folder), done by loratool.convert_checkpoint."""
+    if prune:
+        raise LoratoolError(
+            "--prune with a layout change is not supported in one step",
+            hint="prune first (loratool convert IN pruned.safetensors --prune), then change the layout",
+        )
+    try:
+        from ..convert_checkpoint import convert_checkpoint
+    except ImportError:
+        raise LoratoolError(
+            "full-checkpoint layout conversion (--to ldm/diffusers) is not available in this build",
+            hint="convert containers and dtypes without --to",
+        ) from None
+    if to == "ldm" and container_of(out) != "safetensors":
+        raise OutputError(
+            f"{out}: --to ldm writes a .safetensors file",
+            hint="write .safetensors, then convert that file to .ckpt without --to",
+        )
+    return convert_checkpoint(source, out, to=to, arch=arch, dtype=dtype, force=force, on_progress=on_progress)
+
+
+__all__ = [
+    "ADAPTER_TARGETS",
+    "KEEP_DTYPE_KEYS",
+    "PRUNE_RULES",
+    "TARGETS",
+    "CkptWriter",
+    "ConvertReport",
+    "ModuleResult",
+    "alpha_in_dtype",
+    "cast_float",
+    "classify",
+    "convert",
+    "float_max",
+    "lora_delta",
+    "module_shape",
+    "prune_reason",
+    "to_lora_factors",
+]

@@ -1,0 +1,97 @@
+"""Rendering for `loratool convert`: a progress bar on stderr, a short summary (or JSON) on stdout."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, is_dataclass
+
+from rich.markup import escape
+from rich.table import Table
+
+from .common import print_json, progress, stdout
+
+
+@contextmanager
+def progress_sink(description: str, enabled: bool = True) -> Iterator:
+    """Yield ``on_progress(done, total, name)``; the bar opens on the first call, when the total is known."""
+    with ExitStack() as stack:
+        state: dict = {}
+
+        def on_progress(done: int, total: int, name: str) -> None:
+            if not enabled:
+                return
+            if "advance" not in state:
+                state["advance"] = stack.enter_context(progress(description, total))
+                state["done"] = 0
+            state["advance"](done - state["done"], name.rsplit(".", 2)[0][-48:])
+            state["done"] = done
+
+        yield on_progress
+
+
+def report_dict(report) -> dict:
+    """The report as plain data (both the convert report and the checkpoint-layout report)."""
+    if hasattr(report, "to_dict"):
+        return report.to_dict()
+    if is_dataclass(report):
+        data = asdict(report)
+        for key in ("dropped", "omitted"):
+            if key in data:
+                reasons = sorted({r for _, r in data[key]})
+                data[key] = {"count": len(data[key]), "examples": [k for k, _ in data[key][:5]], "reasons": reasons}
+        return data
+    return dict(report)
+
+
+def render_json(report) -> None:
+    print_json(report_dict(report))
+
+
+def render(report) -> None:
+    """Summary table, then notes (what was dropped, clamped, refactored)."""
+    data = report_dict(report)
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    out = data.get("output") or data.get("out")
+    table.add_row("wrote", escape(str(out)))
+    for label, key in (
+        ("kind", "kind"),
+        ("architecture", "arch"),
+        ("container", "container_out"),
+        ("naming", "naming_out"),
+        ("layout", "to"),
+        ("dtype", "dtype"),
+    ):
+        if data.get(key):
+            value = data[key]
+            if key == "naming_out" and data.get("naming_in"):
+                value = f"{data['naming_in']} → {value}"
+            if key == "container_out" and data.get("container_in"):
+                value = f"{data['container_in']} → {value}"
+            table.add_row(label, escape(str(value)))
+    if "tensors_out" in data:
+        table.add_row("tensors", f"{data['tensors_in']} in, {data['tensors_out']} out")
+    elif "written" in data:
+        table.add_row("tensors", f"{data['written']} written")
+    pruned = data.get("pruned")
+    if isinstance(pruned, dict) and pruned.get("count"):
+        for reason, info in pruned["by_reason"].items():
+            examples = ", ".join(info["examples"])
+            table.add_row("pruned", escape(f"{info['count']} × {reason} (e.g. {examples})"))
+    clamped = data.get("clamped")
+    if isinstance(clamped, dict) and clamped.get("elements"):
+        table.add_row("clamped", escape(f"{clamped['elements']} values in {clamped['tensors']} tensors"))
+    if data.get("kept_dtype"):
+        table.add_row("kept dtype", escape(f"{len(data['kept_dtype'])} schedule/EMA buffers stay float32"))
+    for key in ("dropped", "omitted"):
+        info = data.get(key)
+        if isinstance(info, dict) and info.get("count"):
+            table.add_row(key, escape(f"{info['count']} (e.g. {', '.join(info['examples'][:2])})"))
+    if data.get("modules_refactored"):
+        worst = data.get("max_rel_error", 0.0)
+        table.add_row("refactored", f"{len(data['modules_refactored'])} modules to plain LoRA, max rel. error {worst:.2e}")
+    stdout.print(table)
+    for note in data.get("notes", []):
+        stdout.print(f"[dim]note:[/] {escape(note)}")
