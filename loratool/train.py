@@ -320,7 +320,6 @@ def _kohya_metadata(opts: TrainOptions, subsets, reg_subsets, resolution: int, b
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(opts.rank),
         "ss_network_alpha": str(opts.alpha),
-        "ss_network_args": json.dumps(network_args) if network_args else "null",
         "ss_network_train_unet_only": str(not opts.train_text_encoder),
         "ss_mixed_precision": "no",
         "ss_full_fp16": "False",
@@ -349,6 +348,8 @@ def _kohya_metadata(opts: TrainOptions, subsets, reg_subsets, resolution: int, b
         "ss_vae_name": "None",
         "ss_training_comment": "trained with loratool",
     }
+    if network_args:
+        meta["ss_network_args"] = json.dumps(network_args)
     return meta
 
 

@@ -1,11 +1,44 @@
-"""`loratool sample` (not built yet)."""
+"""`loratool sample`: one image from an SD1 checkpoint, with <lora:name:weight> from the prompt."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
-from ..errors import LoratoolError
-
 
 @click.command("sample")
-def command() -> None:
-    """Not implemented yet."""
-    raise LoratoolError("loratool sample is not implemented yet")
+@click.option("--base", type=click.Path(path_type=Path), help="SD1 single-file checkpoint. [default: the bundled tiny base]")
+@click.option("--prompt", required=True, help='Text; "<lora:NAME:0.8>" applies NAME.safetensors at 0.8.')
+@click.option("--negative", default="", help="Negative prompt (the unconditional branch of guidance).")
+@click.option("--lora-dir", type=click.Path(path_type=Path, file_okay=False), help="Folder searched for <lora:NAME>.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .png file.")
+@click.option("--steps", default=20, show_default=True, help="DDIM steps.")
+@click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--size", help="WIDTHxHEIGHT or one side, multiples of 64. [default: 512; 128 for the tiny base]")
+@click.option("--tokenizer", type=click.Path(path_type=Path, file_okay=False), help="Folder with CLIP vocab.json + merges.txt.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+def command(base, prompt, negative, lora_dir, output, steps, guidance, seed, size, tokenizer, device, force) -> None:
+    """Generate an image with DDIM (seeded); LoRAs in the prompt are merged into the weights in memory."""
+    from ..data import make_tokenizer
+    from ..model import load_model
+    from ..render.train import sample_report
+    from ..sample import apply_lora, find_lora, generate, parse_prompt, parse_size, save_png
+    from ..train import cpu_threads, default_resolution, resolve_device
+    from ..writer import check_output
+    from .train import bundled_base
+
+    base = base or bundled_base()
+    text, refs = parse_prompt(prompt)
+    paths = [(r, find_lora(r.name, lora_dir)) for r in refs]
+    check_output(output, [base, *(p for _, p in paths)], force)
+    dev = resolve_device(device)
+    model = load_model(base, dev)
+    applied = [(r.name, r.weight, apply_lora(model, p, r.weight)) for r, p in paths]
+    tok = make_tokenizer(model.text_encoder.cfg.vocab_size, tokenizer, model.text_encoder.cfg.max_positions)
+    wh = parse_size(size, default_resolution(model))
+    with cpu_threads(model, dev):
+        image = generate(model, text, wh, steps, seed, guidance, negative, tok, dev)
+    sample_report(save_png(image, output), text, applied)
