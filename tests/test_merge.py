@@ -287,3 +287,52 @@ def test_lora_merge_refuses_loha(fixtures, tmp_path, capsys):
 def test_merge_tag_frequency_sums():
     metas = [{"ss_tag_frequency": '{"a": {"x": 1}}'}, {"ss_tag_frequency": '{"a": {"x": 2, "y": 1}}'}, {}]
     assert merge_tag_frequency(metas) == {"a": {"x": 3, "y": 1}}
+
+
+# ----------------------------------------------------------------------------- diffusers folder base
+
+
+def _diffusers_folder(root, arch):
+    specs = synth.checkpoint_specs(arch, "diffusers")
+    by_comp = {}
+    for k, spec in specs.items():
+        comp, name = k.split("/", 1)
+        by_comp.setdefault(comp, {})[name] = synth.random_tensor(k, spec, seed=3)
+    for comp, tensors in by_comp.items():
+        (root / comp).mkdir(parents=True)
+        fname = "diffusion_pytorch_model.safetensors" if comp in ("unet", "vae") else "model.safetensors"
+        save_tensors(root / comp / fname, tensors)
+        (root / comp / "config.json").write_text("{}")
+    (root / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    return root
+
+
+@pytest.mark.parametrize("arch, lora", [("sd1", "sd15-lora-kohya"), ("sd2", "sd21-lora-kohya")])
+def test_diffusers_folder_base(fixtures, tmp_path, arch, lora):
+    base = _diffusers_folder(tmp_path / "base", arch)
+    out = tmp_path / "merged"
+    assert main(["merge", str(base), f"{fixtures / lora}.safetensors:0.9", "-o", str(out)]) == 0
+    assert (out / "model_index.json").read_text() == (base / "model_index.json").read_text()
+    assert (out / "unet" / "config.json").exists()
+    src, got = open_file(base), open_file(out)
+    assert set(src.keys()) == set(got.keys())
+    ad = load_adapter(open_file(f"{fixtures / lora}.safetensors"))
+    targeted = {m.target.diffusers_key: m for m in ad.modules.values()}
+    assert len(targeted) == len(ad.modules)  # diffusers keeps q/k/v unfused: one weight per module
+    for k in src.keys():
+        if k in targeted:
+            want = apply_to_weight(src.get(k).float(), targeted[k], 0.9).to(torch.float16)
+            torch.testing.assert_close(got.get(k), want, rtol=0, atol=2e-3)
+        else:
+            assert raw(got.get(k)) == raw(src.get(k)), k
+
+
+def test_ckpt_base_gives_same_tensors(fixtures, tmp_path):
+    base = load_file(fixtures / "sd15-tiny.safetensors")
+    torch.save({"state_dict": base, "global_step": 5}, tmp_path / "base.ckpt")
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    lora = str(fixtures / "sd15-lokr.safetensors")
+    assert main(["merge", str(tmp_path / "base.ckpt"), lora, "-o", str(a)]) == 0
+    assert main(["merge", str(fixtures / "sd15-tiny.safetensors"), lora, "-o", str(b)]) == 0
+    ta, tb = load_file(a), load_file(b)
+    assert set(ta) == set(tb) and all(raw(ta[k]) == raw(tb[k]) for k in ta)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -243,7 +245,11 @@ def merge_into_checkpoint(
     inputs = [base_source.path, *(ad.path for ad, _ in adapters)]
     metadata = _checkpoint_metadata(base_source, adapters, te_ratio, unet_ratio, block_weights, out_dtype)
     total = len(specs)
-    with SafetensorsWriter(out, out_specs, metadata, inputs=inputs, force=force) as writer:
+    writers = _open_writers(Path(out), base_source, out_specs, metadata, inputs, force, folder=match.naming == "diffusers")
+    files = list({id(w): w for w, _ in writers.values()}.values())
+    with ExitStack() as stack:
+        for fw in files:
+            stack.enter_context(fw)  # any exception removes every temporary file
         for n, key in enumerate(specs, 1):
             tensor = base_source.get(key)
             if key in by_key:
@@ -255,14 +261,47 @@ def merge_into_checkpoint(
                     else:
                         w[a.rows[0]: a.rows[1]] = apply_to_weight(w[a.rows[0]: a.rows[1]], module, a.ratio)
                 tensor = w
-            writer.write(key, tensor)
+            writer, name = writers[key]
+            writer.write(name, tensor)
             if on_progress:
                 on_progress(n, total, key)
-        path = writer.finalize()
+        for fw in files:
+            fw.finalize()
+    path = Path(out)
     return MergeReport(
         str(path), match.arch, match.naming, names, tuple(plan), tuple(unmapped), changed, total,
         round(time.perf_counter() - start, 3), False,
     )
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def _open_writers(out: Path, base_source, out_specs, metadata, inputs, force: bool, folder: bool):
+    """key → (writer, name in that writer's file). One file for a single-file base; for a diffusers folder,
+    one file per component (``unet/diffusion_pytorch_model.safetensors``...) plus copies of its config files."""
+    if not folder:
+        w = SafetensorsWriter(out, out_specs, metadata, inputs=inputs, force=force)
+        return {k: (w, k) for k in out_specs}
+    check_output(out, inputs, force)
+    base_dir = Path(base_source.path)
+    for f in sorted(base_dir.rglob("*")):
+        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
+            dest = out / f.relative_to(base_dir)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dest)
+    by_comp: dict[str, dict[str, TensorSpec]] = {}
+    for k, spec in out_specs.items():
+        comp, name = k.split("/", 1)
+        by_comp.setdefault(comp, {})[name] = spec
+    writers = {}
+    for comp, specs in sorted(by_comp.items()):
+        fname = "diffusion_pytorch_model.safetensors" if comp in ("unet", "vae") else "model.safetensors"
+        (out / comp).mkdir(parents=True, exist_ok=True)
+        w = SafetensorsWriter(out / comp / fname, specs, metadata, inputs=inputs, force=True)
+        for name in specs:
+            writers[f"{comp}/{name}"] = (w, name)
+    return writers
 
 
 def _recipe(adapters: Sequence[tuple[LoadedAdapter, float]], **extra) -> str:

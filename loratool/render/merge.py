@@ -15,25 +15,27 @@ from .common import print_json, progress, stdout
 
 @contextmanager
 def progress_callback(description: str, enabled: bool = True) -> Iterator:
-    """An ``on_progress(done, total, note)`` callback drawing a progress bar on stderr."""
-    state = {"bar": None, "done": 0}
+    """Yield an ``on_progress(done, total, note)`` callback that draws a bar on stderr (None when disabled).
+
+    The bar opens on the first call, when the total is known.
+    """
     if not enabled:
         yield None
         return
-    with_bar = None
-    try:
-        def callback(done: int, total: int, note: str) -> None:
-            nonlocal with_bar
-            if with_bar is None:
-                with_bar = progress(description, total)
-                state["bar"] = with_bar.__enter__()
-            state["bar"](done - state["done"], note.rsplit(".", 2)[0][-40:])
-            state["done"] = done
+    state: dict = {"ctx": None, "advance": None, "done": 0}
 
+    def callback(done: int, total: int, note: str) -> None:
+        if state["ctx"] is None:
+            state["ctx"] = progress(description, total)
+            state["advance"] = state["ctx"].__enter__()
+        state["advance"](done - state["done"], note[-48:])
+        state["done"] = done
+
+    try:
         yield callback
     finally:
-        if with_bar is not None:
-            with_bar.__exit__(None, None, None)
+        if state["ctx"] is not None:
+            state["ctx"].__exit__(None, None, None)
 
 
 def _fmt_rows(rows) -> str:
