@@ -75,6 +75,15 @@ class CheckpointConvertReport:
     transforms: dict[str, int] = field(default_factory=dict)
     files: tuple[str, ...] = ()
 
+    def as_dict(self) -> dict:
+        """Plain JSON-ready dict (lists of ``{"key", "reason"}`` for dropped/omitted keys)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for name in ("dropped", "omitted"):
+            out[name] = [{"key": k, "reason": why} for k, why in getattr(self, name)]
+        for name in ("missing", "unmapped", "files"):
+            out[name] = list(getattr(self, name))
+        return out
+
 
 @dataclass(frozen=True)
 class _Item:
@@ -277,6 +286,9 @@ def _to_ldm(reader: _Reader, group: tuple[KeyLink, ...]) -> torch.Tensor:
 
 
 def _write_single(src, out: Path, plan: list[_Item], inputs, force: bool, on_progress: Progress | None) -> tuple[list[str], int]:
+    for inp in inputs:
+        if Path(inp).is_dir() and Path(inp).resolve() in out.resolve().parents:
+            raise OutputError(f"output {out} is inside the input folder {inp}", hint="write it outside the diffusers folder")
     specs = {it.key: it.spec for it in plan}
     reader = _Reader(src)
     total = len(plan)

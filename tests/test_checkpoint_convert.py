@@ -125,6 +125,9 @@ def test_unknown_keys_are_an_error_unless_allowed(tmp_path):
     assert not (tmp_path / "x").exists()
     report = convert_checkpoint(src, tmp_path / "x", "diffusers", allow_unmapped=True)
     assert report.unmapped == ("my_custom.thing",)
+    as_json = json.loads(json.dumps(report.as_dict(), sort_keys=True))
+    assert as_json["unmapped"] == ["my_custom.thing"] and as_json["arch"] == "sd1"
+    assert {"key": "betas", "reason": dict(report.dropped)["betas"]} in as_json["dropped"]
 
 
 def test_ema_shadow_weights_are_dropped_with_reason(tmp_path):
@@ -163,6 +166,8 @@ def test_outputs_are_checked(tmp_path, fixtures, folders):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]  # no temp or old folders left
     with pytest.raises(OutputError):
         convert_checkpoint(out, out, "ldm", force=True)
+    with pytest.raises(OutputError, match="inside the input folder"):
+        convert_checkpoint(out, out / "model.safetensors", "ldm")
     with pytest.raises(LoratoolError, match="already"):
         convert_checkpoint(fixtures / "sd15-tiny.safetensors", tmp_path / "y.safetensors", "ldm")
 
