@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import DetectionError
-from .layouts import ARCH_LABELS, ARCHES, checkpoint_layout
+from .layouts import ARCH_LABELS, ARCHES, checkpoint_layout, shrink_shape
 from .source import TensorSpec
 
 MIN_SCORE = 0.5
@@ -98,6 +98,8 @@ class FileDetection:
         forced: the architecture came from ``--arch``.
         description: one plain sentence (``SD1.x single-file (LDM) checkpoint``, ``VAE only`` ...).
         evidence: short lines saying why.
+        other: what an ``other`` file is (``empty``, ``embedding``, ``vae``, ``unet``, ``text_encoder``,
+            ``text_encoder_2``, ``unknown``); None for checkpoints and adapters.
     """
 
     kind: str
@@ -109,6 +111,7 @@ class FileDetection:
     forced: bool
     description: str
     evidence: tuple[str, ...]
+    other: str | None = None  # for kind "other": empty | embedding | vae | unet | text_encoder | text_encoder_2 | unknown
     adapter_index: object = field(default=None, compare=False, repr=False)
 
 
@@ -124,27 +127,124 @@ def adapter_key_share(keys: Sequence[str]) -> float:
     return sum(1 for k in keys if split_key(k) is not None) / max(1, len(keys))
 
 
-def describe_other(specs: Mapping[str, TensorSpec]) -> tuple[str, tuple[str, ...]]:
-    """Name a file that is neither a checkpoint nor an adapter, plainly, from its key names."""
+_COMPONENT_PREFIXES = (
+    ("model.diffusion_model.", "unet"),
+    ("cond_stage_model.", "text_encoder"),
+    ("conditioner.embedders.0.", "text_encoder"),
+    ("conditioner.embedders.1.", "text_encoder_2"),
+    ("first_stage_model.", "vae"),
+)
+COMPONENT_LABELS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2", "vae": "VAE"}
+
+
+def component_of_key(key: str) -> tuple[str, str]:
+    """``(component, key without its component prefix)`` of a checkpoint key (``other`` when unknown)."""
+    if "/" in key:
+        comp, rest = key.split("/", 1)
+        return (comp, rest) if comp in COMPONENT_LABELS else ("other", key)
+    for prefix, comp in _COMPONENT_PREFIXES:
+        if key.startswith(prefix):
+            return comp, key[len(prefix):]
+    return "other", key
+
+
+@dataclass(frozen=True)
+class ComponentMatch:
+    """A file that holds one component of a checkpoint (a UNet-only or text-encoder-only file)."""
+
+    arch: str
+    naming: str
+    component: str
+    prefixed: bool  # keys carry the checkpoint's component prefix
+    coverage: float
+    precision: float
+    exact: float
+
+
+def match_component(specs: Mapping[str, TensorSpec]) -> list[ComponentMatch]:
+    """Score every (arch, naming, component) against the file's keys, with and without the prefix; best first."""
+    keys = set(specs)
+    out = []
+    for arch in ARCHES:
+        for naming in ("ldm", "diffusers"):
+            groups: dict[str, dict[str, tuple[str, TensorSpec]]] = {}
+            for k, spec in checkpoint_layout(arch, naming).items():
+                comp, rest = component_of_key(k)
+                if comp != "other":
+                    groups.setdefault(comp, {})[k] = (rest, spec)
+            for comp, group in groups.items():
+                for prefixed in (True, False):
+                    names = {(k if prefixed else rest): spec for k, (rest, spec) in group.items()}
+                    hit = [k for k in names if k in keys and len(specs[k].shape) == len(names[k].shape)]
+                    if not hit:
+                        continue
+                    factor = _shrink_vote(specs, names, hit)
+                    exact = sum(1 for k in hit if tuple(specs[k].shape) == shrink_shape(names[k].shape, factor)) / len(hit)
+                    out.append(ComponentMatch(arch, naming, comp, prefixed, len(hit) / len(names), len(hit) / len(keys), exact))
+    out.sort(key=lambda m: -(m.coverage * m.precision * (0.9 + 0.1 * m.exact)))
+    return out
+
+
+def _shrink_vote(specs: Mapping[str, TensorSpec], names: Mapping[str, TensorSpec], hit: list[str]) -> int:
+    """The uniform factor by which the file's dims are smaller than the layout's (1 for real files)."""
+    votes: dict[int, int] = {}
+    for k in hit:
+        full, got = names[k].shape, specs[k].shape
+        if full and got and full[0] >= 64 and got[0] and full[0] % got[0] == 0:
+            votes[full[0] // got[0]] = votes.get(full[0] // got[0], 0) + 1
+    return max(votes, key=lambda f: (votes[f], f == 1)) if votes else 1
+
+
+def describe_other(specs: Mapping[str, TensorSpec]) -> tuple[str, str, tuple[str, ...], str | None, str | None]:
+    """Name a file that is neither a checkpoint nor an adapter, plainly, from its key names.
+
+    Returns:
+        (what, description, evidence lines, arch or None, naming or None); ``what`` is ``empty``,
+        ``embedding``, ``vae``, a component (``unet``, ``text_encoder``, ``text_encoder_2``) or ``unknown``.
+    """
     keys = list(specs)
     if not keys:
-        return "empty: the file holds no tensors", ("0 tensors",)
+        return "empty", "empty: the file holds no tensors", ("0 tensors",), None, None
     emb = [k for k in keys if k.split(".", 1)[0] in _EMBEDDING_KEYS]
     if emb and len(emb) >= len(keys) / 2:
         vectors = sum(specs[k].shape[0] for k in emb if len(specs[k].shape) == 2)
         return (
+            "embedding",
             f"textual-inversion embedding ({vectors} vectors), not a checkpoint or LoRA",
             (f"keys {', '.join(sorted({k.split('.', 1)[0] for k in emb}))}",),
+            None,
+            None,
         )
     vae = [k for k in keys if k.startswith(_VAE_PREFIXES)]
     if len(vae) == len(keys):
-        return "VAE only (autoencoder weights, no UNet or text encoder)", (f"all {len(keys)} keys are VAE encoder/decoder keys",)
+        evidence = (f"all {len(keys)} keys are VAE encoder/decoder keys",)
+        return "vae", "VAE only (autoencoder weights, no UNet or text encoder)", evidence, None, None
+    parts = match_component(specs)
+    if parts and parts[0].coverage * parts[0].precision >= 0.8:
+        best = parts[0]
+        # SD1 and SD2 share the UNet key names; equal evidence leaves the architecture open.
+        tie = [m for m in parts[1:] if (m.coverage, m.precision, m.exact) == (best.coverage, best.precision, best.exact)
+               and m.arch != best.arch]
+        arch = None if tie else best.arch
+        label = ARCH_LABELS[arch] + " " if arch else ""
+        form = "with" if best.prefixed else "without"
+        evidence = (
+            f"{best.coverage:.0%} of the {best.arch}/{best.naming} {best.component} keys present ({form} the component "
+            f"prefix); {best.precision:.0%} of the file's keys explained",
+        )
+        if tie:
+            evidence += (f"fits {', '.join(sorted({best.arch, *(m.arch for m in tie)}))} equally well",)
+        description = f"{label}{COMPONENT_LABELS[best.component]} only, not a full checkpoint"
+        return best.component, description, evidence, arch, best.naming
     ranked = score_checkpoint(specs)
     best = ranked[0]
     return (
+        "unknown",
         "unknown tensors: no checkpoint, adapter, VAE or embedding layout fits",
         (f"best checkpoint layout {best.arch}/{best.naming} covers {best.coverage:.0%} of its keys "
          f"and explains {best.precision:.0%} of the file's",),
+        None,
+        None,
     )
 
 
@@ -166,15 +266,22 @@ def detect_file(
     if keys and adapter_key_share(keys) >= 0.5:
         return _detect_adapter(specs, metadata, arch)
     ranked = score_checkpoint(specs)
-    if ranked[0].score < MIN_SCORE and arch is None:
-        description, evidence = describe_other(specs)
-        return FileDetection("other", None, None, None, None, _candidates(ranked), False, description, evidence)
+    if ranked[0].score < MIN_SCORE or ranked[0].coverage < 0.9:
+        # A file holding one component (UNet only, text encoder only) is not a checkpoint, however well it scores.
+        what, description, evidence, part_arch, part_naming = describe_other(specs)
+        if ranked[0].score < MIN_SCORE or what in COMPONENT_LABELS:
+            return FileDetection(
+                "other", part_arch, part_naming, None, None, _candidates(ranked), False, description, evidence, what
+            )
     best = detect_checkpoint(specs, arch)
     runner = next((m for m in ranked if m.arch != best.arch), None)
     evidence = (
         f"{best.coverage:.1%} of the {best.arch}/{best.naming} layout's keys present; "
         f"{best.precision:.1%} of the file's keys explained",
     )
+    missing = missing_components(specs, best.arch, best.naming)
+    if missing:
+        evidence += (f"no {', '.join(COMPONENT_LABELS[c] for c in missing)} weights in the file",)
     return FileDetection(
         "checkpoint",
         best.arch,
@@ -186,6 +293,19 @@ def detect_file(
         f"{ARCH_LABELS[best.arch]} {_NAMING_LABEL[best.naming]} checkpoint",
         evidence,
     )
+
+
+def missing_components(specs: Mapping[str, TensorSpec], arch: str, naming: str) -> list[str]:
+    """Components of the ``arch``/``naming`` layout of which the file holds less than half the keys."""
+    total: dict[str, int] = {}
+    present: dict[str, int] = {}
+    for k in checkpoint_layout(arch, naming):
+        comp = component_of_key(k)[0]
+        if comp == "other":
+            continue
+        total[comp] = total.get(comp, 0) + 1
+        present[comp] = present.get(comp, 0) + (k in specs)
+    return [c for c in COMPONENT_LABELS if c in total and present[c] < total[c] / 2]
 
 
 def _candidates(ranked: list[CheckpointMatch]) -> tuple[Candidate, ...]:

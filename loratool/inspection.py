@@ -21,6 +21,7 @@ import torch
 from . import dtypes
 from .adapters import AdapterIndex, AdapterModule, delta, rank_of, shrink_factor
 from .detect import FileDetection, detect_file
+from .detect import component_of_key as _component_and_rest
 from .layouts import ARCH_LABELS, checkpoint_layout, kohya_modules, shrink_shape
 from .metadata import HashReport, TrainingField, Triggers, hash_report, training_summary, trigger_words
 from .source import TensorSource, TensorSpec, open_file
@@ -221,28 +222,12 @@ def _size(path: Path) -> int:
     return 0
 
 
-_CKPT_PREFIX = (
-    ("model.diffusion_model.", "unet"),
-    ("cond_stage_model.", "text_encoder"),
-    ("conditioner.embedders.0.", "text_encoder"),
-    ("conditioner.embedders.1.", "text_encoder_2"),
-    ("first_stage_model.", "vae"),
-    ("encoder.", "vae"),
-    ("decoder.", "vae"),
-    ("quant_conv.", "vae"),
-    ("post_quant_conv.", "vae"),
-)
-
-
 def component_of_key(key: str) -> str:
     """Component of a checkpoint key: ``unet``, ``text_encoder``, ``text_encoder_2``, ``vae`` or ``other``."""
-    if "/" in key:
-        comp = key.split("/", 1)[0]
-        return comp if comp in COMPONENTS else "other"
-    for prefix, comp in _CKPT_PREFIX:
-        if key.startswith(prefix):
-            return comp
-    return "other"
+    comp = _component_and_rest(key)[0]
+    if comp == "other" and key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")):
+        return "vae"
+    return comp
 
 
 def _checkpoint_components(specs: Mapping[str, TensorSpec]) -> dict[str, int]:
@@ -440,6 +425,7 @@ def as_dict(report: Inspection) -> dict:
             "runner_up": asdict(det.runner_up) if det.runner_up else None,
             "forced": det.forced,
             "description": det.description,
+            "other": det.other,
             "evidence": list(det.evidence),
         },
         "tensors": {"count": report.tensors, "parameters": report.parameters, "dtypes": report.dtypes},

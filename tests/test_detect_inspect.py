@@ -250,3 +250,27 @@ def test_lycoris_fixtures(fixtures, name, family, dora, tucker):
         assert r.adapter.tucker == tucker
     assert r.stats.blocks and all(b.norm > 0 for b in r.stats.blocks)
     assert sum(b.modules for b in r.stats.blocks) == r.adapter.modules
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("naming", ["ldm", "diffusers"])
+def test_single_component_files_are_other_with_arch(arch, naming):
+    specs = checkpoint_specs(arch, naming, 64)
+    unet = {k: s for k, s in specs.items() if k.startswith(("model.diffusion_model.", "unet/"))}
+    bare = {k.split("/", 1)[-1].removeprefix("model.diffusion_model."): s for k, s in unet.items()}
+    for part in (unet, bare):
+        det = detect_file(part)
+        assert (det.kind, det.other, det.arch, det.naming) == ("other", "unet", arch, naming)
+        assert "UNet only" in det.description
+    te = {k: s for k, s in specs.items() if k.startswith(("cond_stage_model.", "conditioner.embedders.0.", "text_encoder/"))}
+    det = detect_file(te)
+    assert (det.kind, det.other) == ("other", "text_encoder")
+    # CLIP-L is the same in SD1 and SDXL (te1): the diffusers text encoder alone cannot tell them apart
+    assert det.arch == (None if (naming, arch) in {("diffusers", "sd1"), ("diffusers", "sdxl")} else arch)
+
+
+def test_checkpoint_without_vae_says_so():
+    specs = {k: s for k, s in checkpoint_specs("sd1", "ldm", 64).items() if not k.startswith("first_stage_model.")}
+    det = detect_file(specs)
+    assert (det.kind, det.arch) == ("checkpoint", "sd1")
+    assert any("no VAE weights" in e for e in det.evidence)

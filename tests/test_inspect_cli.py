@@ -18,7 +18,7 @@ GOLDEN_TOP = {
     "adapter", "components", "detection", "file_size", "format", "hash_note", "hashes", "keys", "kind",
     "modelspec", "path", "schema", "stats", "tensors", "training", "triggers", "warnings",
 }
-GOLDEN_DETECTION = {"arch", "arch_label", "confidence", "description", "evidence", "forced", "naming", "runner_up"}
+GOLDEN_DETECTION = {"arch", "arch_label", "confidence", "description", "evidence", "forced", "naming", "other", "runner_up"}
 GOLDEN_ADAPTER = {
     "by_component", "dora_modules", "families", "family", "layers", "modules", "rank_alpha", "shrink_factor",
     "tucker_modules", "unmapped",
