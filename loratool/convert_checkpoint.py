@@ -135,7 +135,8 @@ def convert_checkpoint(
     src = open_file(source) if own else source
     try:
         specs = {k: src.spec(k) for k in src.keys()}
-        match = detect_checkpoint(specs, arch)
+        # EMA shadow copies (non-pruned training files) would only dilute the detection score.
+        match = detect_checkpoint({k: v for k, v in specs.items() if not k.startswith("model_ema.")}, arch)
         if match.naming == to:
             raise LoratoolError(
                 f"{src.path} is already a {'single-file' if to == 'ldm' else 'diffusers'} checkpoint",
