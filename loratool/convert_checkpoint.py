@@ -137,12 +137,12 @@ def convert_checkpoint(
         specs = {k: src.spec(k) for k in src.keys()}
         # EMA shadow copies (non-pruned training files) would only dilute the detection score.
         match = detect_checkpoint({k: v for k, v in specs.items() if not k.startswith("model_ema.")}, arch)
-        if match.naming == to:
+        if match.naming == to == "ldm":
             raise LoratoolError(
-                f"{src.path} is already a {'single-file' if to == 'ldm' else 'diffusers'} checkpoint",
-                hint="pick the other --to, or use a dtype/copy command to re-save it",
+                f"{src.path} is already a single-file checkpoint",
+                hint="use --to diffusers, or re-save it without --to to change container or dtype",
             )
-        plan, dropped, missing, unmapped = _plan(match.arch, specs, to, out_dtype)
+        plan, dropped, missing, unmapped = _plan(match.arch, specs, match.naming, to, out_dtype)
         if unmapped and not allow_unmapped:
             raise MappingError(
                 f"{src.path}: {len(unmapped)} keys are not part of an {match.arch} checkpoint: {listing(unmapped)}",
@@ -193,11 +193,12 @@ def _cast(spec: TensorSpec, out_dtype: str | None) -> str:
 
 
 def _plan(
-    arch: str, specs: dict[str, TensorSpec], to: str, out_dtype: str | None
+    arch: str, specs: dict[str, TensorSpec], source_naming: str, to: str, out_dtype: str | None
 ) -> tuple[list[_Item], list[tuple[str, str]], list[str], list[str]]:
+    """Output items (diffusers → diffusers is a plain copy: items without links), plus the
+    dropped / missing / unmapped keys."""
     links = checkpoint_links(arch)
-    source_naming = "diffusers" if to == "ldm" else "ldm"
-    used = set(links.by_diffusers) if to == "ldm" else set(links.by_ldm)
+    used = set(links.by_diffusers) if source_naming == "diffusers" else set(links.by_ldm)
     dropped: list[tuple[str, str]] = []
     unmapped: list[str] = []
     for key in specs:
@@ -211,6 +212,13 @@ def _plan(
     full = checkpoint_layout(arch, "ldm")
     plan: list[_Item] = []
     missing: list[str] = []
+    if source_naming == to:
+        for key in links.by_diffusers:
+            if key in specs:
+                plan.append(_Item(key, TensorSpec(specs[key].shape, _cast(specs[key], out_dtype)), ()))
+            else:
+                missing.append(key)
+        return plan, dropped, missing, unmapped
     if to == "diffusers":
         for lk in links.links:
             spec = specs.get(lk.ldm_key)
@@ -345,8 +353,8 @@ def _fill_folder(src, root: Path, plan: list[_Item], arch: str, on_progress: Pro
         path = root / comp / _WEIGHT_FILES[comp]
         with SafetensorsWriter(path, specs, {"format": "pt"}) as w:
             for it in items:
-                (lk,) = it.links
-                w.write(it.key.split("/", 1)[1], _to_diffusers(reader, lk, arch))
+                tensor = _to_diffusers(reader, it.links[0], arch) if it.links else reader.get(it.key)
+                w.write(it.key.split("/", 1)[1], tensor)
                 done += 1
                 if on_progress:
                     on_progress(done, total, it.key)

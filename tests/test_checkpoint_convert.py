@@ -111,6 +111,16 @@ def test_dtype_cast_keeps_values(tmp_path, fixtures):
     assert torch.equal(out.get(key), src.get("model.diffusion_model.input_blocks.0.0.weight").float())
 
 
+def test_diffusers_to_diffusers_is_a_copy(tmp_path, folders):
+    folder = folders["sdxl"][1]
+    report = convert_checkpoint(folder, tmp_path / "copy", "diffusers", dtype="bf16")
+    assert report.written == 2641 and report.transforms == {}
+    src, out = open_file(folder), open_file(tmp_path / "copy")
+    assert set(out.keys()) == set(src.keys())
+    key = "text_encoder_2/text_projection.weight"
+    assert out.spec(key).dtype == "BF16" and torch.equal(out.get(key), src.get(key).to(torch.bfloat16))
+
+
 def _small_sd1(extra: dict[str, torch.Tensor] | None = None) -> MemorySource:
     src = open_file(Path(__file__).resolve().parent.parent / "fixtures" / "sd15-tiny.safetensors")
     tensors = {k: src.get(k) for k in src.keys()}
