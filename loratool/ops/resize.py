@@ -97,11 +97,12 @@ def lora_factors(module: AdapterModule) -> AdapterModule:
 
 
 def _flatten(module: AdapterModule) -> _Flat:
-    t = {k: v.float() for k, v in module.tensors.items()}
+    """2-D views of the factors in their stored dtype (cast to float per batch, so memory stays low)."""
+    t = module.tensors
     up = t["up"].reshape(t["up"].shape[0], -1)
     down = t["down"]
     if "mid" in t:  # Tucker: down'[a, i, h, w] = Σ_b mid[a, b, h, w]·down[b, i]
-        down = torch.einsum("abhw,bi->aihw", t["mid"], t["down"].reshape(t["down"].shape[0], -1))
+        down = torch.einsum("abhw,bi->aihw", t["mid"].float(), t["down"].float().reshape(t["down"].shape[0], -1))
     kernel = tuple(down.shape[2:])
     conv = down.dim() == 4 or module.target.kind != "linear"
     if conv and not kernel:
@@ -157,19 +158,25 @@ def resize_lora(
         on_start(len(flats))
     out_dtype = dtype or dtypes.name_of(next(iter(mods.values())).tensors["up"].dtype)
 
-    # Exact SVDs, batched over modules whose factor shapes agree.
+    # Exact SVDs, batched over modules whose factor shapes agree; only the leading `cap` vectors are kept.
+    caps = {n: conv_rank if _kind(f) == "conv3x3" else rank for n, f in flats.items()}
     svds: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     groups: dict[tuple, list[str]] = {}
     for name, f in flats.items():
-        groups.setdefault((tuple(f.up.shape), tuple(f.down.shape)), []).append(name)
-    for names in groups.values():
-        up = torch.stack([flats[n].up for n in names]).to(dev)
-        down = torch.stack([flats[n].down for n in names]).to(dev)
-        u, s, vh = factored_svd(up, down)
-        for i, n in enumerate(names):
-            svds[n] = (u[i].cpu(), s[i].cpu(), vh[i].cpu())
+        groups.setdefault((tuple(f.up.shape), tuple(f.down.shape), caps[name]), []).append(name)
+    for (_, _, cap), names in groups.items():
+        for start in range(0, len(names), 32):
+            chunk = names[start:start + 32]
+            up = torch.stack([flats[n].up for n in chunk]).to(dev, torch.float32)
+            down = torch.stack([flats[n].down for n in chunk]).to(dev, torch.float32)
+            u, s, vh = factored_svd(up, down)
+            del up, down
+            for i, n in enumerate(chunk):
+                svds[n] = (u[i, :, :cap].cpu().clone(), s[i].cpu(), vh[i, :cap].cpu().clone())
+                if on_module is not None:
+                    on_module(n)
+            del u, s, vh
 
-    caps = {n: conv_rank if _kind(f) == "conv3x3" else rank for n, f in flats.items()}
     if isinstance(rule, Budget):
         costs = {n: f.up.shape[0] + f.down.shape[1] for n, f in flats.items()}
         budget = rule.param_budget(dtypes.itemsize(out_dtype))
@@ -193,8 +200,6 @@ def resize_lora(
         stats.append(
             RankStats(name, _kind(f), int(f.up.shape[1]), k, retention(s, k), float(s[0]) * f.scale, float(s[k - 1]) * f.scale)
         )
-        if on_module is not None:
-            on_module(name)
 
     meta = _metadata(loaded.metadata, loaded.arch, stats, flats, rank, conv_rank, rule, path)
     written = save_tensors(out, tensors, with_hashes(tensors, meta), inputs=[path], force=force)
