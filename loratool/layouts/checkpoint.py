@@ -25,7 +25,7 @@ optional keys that the reference tables leave out (EMA shadow weights, ``v_pred`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 from . import checkpoint_layout
 
@@ -67,11 +67,11 @@ class CheckpointLinks:
     ldm_only: dict[str, str]
     diffusers_only: dict[str, str]
 
-    @property
+    @cached_property
     def by_diffusers(self) -> dict[str, KeyLink]:
         return {lk.diffusers_key: lk for lk in self.links}
 
-    @property
+    @cached_property
     def by_ldm(self) -> dict[str, tuple[KeyLink, ...]]:
         """Single-file key → its links (three for a fused q/k/v tensor, in row order)."""
         out: dict[str, list[KeyLink]] = {}
