@@ -17,7 +17,7 @@ def demo_steps(work: Path, fixtures: Path) -> list[tuple[str, list[str]]]:
     lora = str(work / "sks_blob.safetensors")
     return [
         ("train a LoRA", ["train", "--base", base, "--data", str(data / "img"), "--reg-data", str(data / "reg"),
-                          "-o", lora, "--rank", "4", "--alpha", "4", "--lr", "1e-3", "--steps", "24", "--resolution", "64"]),
+                          "-o", lora, "--rank", "4", "--alpha", "4", "--lr", "1e-3", "--steps", "16", "--resolution", "64"]),
         ("inspect it", ["inspect", lora]),
         ("sample with it", ["sample", "--base", base, "--prompt", "sks blob, red circle <lora:sks_blob:1>",
                             "--lora-dir", str(work), "--size", "64", "--steps", "10", "-o", str(work / "sample.png")]),
