@@ -415,10 +415,10 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None = 
         u = up.reshape(up.shape[0], -1)
         d = down.reshape(down.shape[0], -1)
         return torch.einsum("ab...,oa,bi->oi...", mid, u, d)
-    if down.dim() == 2:
-        return up.reshape(up.shape[0], -1) @ down
     u = up.reshape(up.shape[0], -1)
-    return torch.einsum("or,r...->o...", u, down)
+    if down.dim() == 2:
+        return u @ down
+    return (u @ down.reshape(down.shape[0], -1)).reshape(u.shape[0], *down.shape[1:])
 
 
 def loha_delta(t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
@@ -473,8 +473,11 @@ def delta(module: AdapterModule, shape: tuple[int, ...] | None = None) -> torch.
     """
     t = {k: v.float() for k, v in module.tensors.items()}
     shape = tuple(shape or module.target.target_shape)
+    scale = scale_of(module.family, t)
     if module.family == "lora":
-        d = lora_delta(t["down"], t["up"], t.get("mid"))
+        # the scale is folded into the small up factor instead of the large product
+        d = lora_delta(t["down"], t["up"] * scale, t.get("mid"))
+        scale = 1.0
     elif module.family == "loha":
         d = loha_delta(t, shape)
     elif module.family == "lokr":
@@ -488,7 +491,8 @@ def delta(module: AdapterModule, shape: tuple[int, ...] | None = None) -> torch.
             f"{module.target.name}: ΔW has shape {tuple(d.shape)}, target weight is {shape}",
             hint="the adapter was made for a different model",
         )
-    return d.reshape(shape) * scale_of(module.family, t)
+    d = d.reshape(shape)
+    return d if scale == 1.0 else d * scale
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -522,7 +526,7 @@ def apply_to_weight(
     w = weight.float()
     d = delta_fn(module, tuple(w.shape))
     if not module.is_dora:
-        return w + ratio * d
+        return torch.add(w, d, alpha=ratio)
     m = module.tensors["dora_scale"].float()
     merged = w + d
     if m.shape[0] == merged.shape[0] and (m.dim() < 2 or m.shape[1] == 1):

@@ -277,11 +277,34 @@ def test_svd_error_reported_and_zero_at_full_rank(tmp_path, capsys):
         assert abs(actual - errors[name]) < 1e-4 and actual > 1e-3
 
 
-def test_lora_merge_refuses_loha(fixtures, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["sd15-loha", "sd15-loha-tucker", "sd15-lokr", "sd15-locon-tucker"])
+def test_lora_merge_converts_lycoris_parts(fixtures, tmp_path, capsys, name):
+    # LoHa / LoKr / LoCon-Tucker parts are turned into LoRA factors (ops.convert.to_lora_factors);
+    # the reported error is measured against the exact sum and is tiny
+    pick = {n for i, n in enumerate(kohya_modules("sd1")) if i % 7 == 0}
+    parts = []
+    for src, seed, ratio in ((fixtures / "sd15-lora-kohya.safetensors", 0, 0.5), (fixtures / f"{name}.safetensors", 1, -0.8)):
+        tensors = {k: v.float() for k, v in load_file(src).items() if k.split(".")[0] in pick}
+        p = tmp_path / f"{seed}.safetensors"
+        save_tensors(p, tensors)
+        parts.append((p, ratio))
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", *(f"{p}:{r}" for p, r in parts), "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_rel_error"] < 1e-5
+    got = load_adapter(open_file(out))
+    srcs = [(load_adapter(open_file(p)), r) for p, r in parts]
+    for mod_name, m in got.modules.items():
+        shape = (m.tensors["up"].shape[0], *m.tensors["down"].shape[1:])
+        want = sum(r * delta(ad.modules[mod_name], shape).double() for ad, r in srcs if mod_name in ad.modules)
+        torch.testing.assert_close(_d(m), want, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_merge_refuses_dora(fixtures, tmp_path, capsys):
     out = tmp_path / "x.safetensors"
-    args = [str(fixtures / "sd15-lora-kohya.safetensors"), str(fixtures / "sd15-loha.safetensors"), "-o", str(out)]
+    args = [str(fixtures / "sd15-lora-kohya.safetensors"), str(fixtures / "sd15-dora.safetensors"), "-o", str(out)]
     assert main(["merge", *args]) == 2
-    assert "LoRA+LoRA" in capsys.readouterr().err and not out.exists()
+    assert "DoRA" in capsys.readouterr().err and not out.exists()
 
 
 def test_merge_tag_frequency_sums():

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import dtypes
-from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, scale_of, split_key
+from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, scale_of, split_key
 from ..blockweights import BlockWeights
 from ..detect import detect_checkpoint
 from ..errors import LoratoolError, MappingError, listing
@@ -348,17 +348,54 @@ class AdapterMergeReport:
         return max((m.rel_error for m in self.modules), default=0.0)
 
 
-def _factors(module: AdapterModule, path: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-    """(up (out, r), down (r, in·kh·kw), down's trailing shape) in float32; plain LoRA modules only."""
-    if module.family != "lora" or "mid" in module.tensors or module.is_dora:
-        kind = "DoRA" if module.is_dora else ("LoCon Tucker" if "mid" in module.tensors else module.family)
+CONVERT_REL_TOL = 1e-6
+
+
+def _factors(module: AdapterModule, path: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], float, bool]:
+    """(up (out, r), down (r, in·kh·kw), down's trailing shape, scale, converted) in float32.
+
+    Plain LoRA modules give their own factors and ``alpha/rank``. LoHa, LoKr and LoCon-Tucker modules go
+    through :func:`loratool.ops.convert.to_lora_factors` (Tucker: exact; LoHa/LoKr: SVD of their ΔW to
+    relative error ≤ 1e-6), whose factors carry the module's scale (alpha = rank).
+    """
+    if module.is_dora:
         raise LoratoolError(
-            f"{path}: module {module.target.name} is {kind}; LoRA+LoRA merges take plain LoRA/LoCon modules",
-            hint="merge it into a checkpoint instead, or convert it to a LoRA first",
+            f"{path}: module {module.target.name} is DoRA; its magnitude cannot be summed into a LoRA",
+            hint="merge DoRA adapters into a checkpoint instead (LoRA+LoRA merges take LoRA/LoCon/LoHa/LoKr)",
         )
-    up = module.tensors["up"].float()
-    down = module.tensors["down"].float()
-    return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), tuple(down.shape[1:])
+    if module.family == "lora" and "mid" not in module.tensors:
+        up, down = module.tensors["up"].float(), module.tensors["down"].float()
+        return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), tuple(down.shape[1:]), \
+            scale_of(module.family, module.tensors), False
+    if module.family not in ("lora", "loha", "lokr"):
+        raise LoratoolError(
+            f"{path}: module {module.target.name} is a {module.family} module; LoRA+LoRA merges cannot take it",
+            hint="merge it into a checkpoint instead",
+        )
+    from .convert import to_lora_factors
+
+    try:
+        down, up, alpha, _ = to_lora_factors(module, rel_tol=CONVERT_REL_TOL)
+    except RuntimeError:
+        # fallback (seen with some LoKr factor layouts in to_lora_factors): SVD of the dense scaled ΔW
+        down, up = _dense_factors(module)
+        alpha = float(down.shape[0])
+    return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), tuple(down.shape[1:]), alpha / down.shape[0], True
+
+
+def _dense_factors(module: AdapterModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) with ``up @ down`` = the module's scaled ΔW, truncated at relative error ≤ CONVERT_REL_TOL."""
+    from .convert import module_shape
+
+    shape = module_shape(module)
+    d = delta(module, shape).reshape(shape[0], -1)
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    energy = s.double().square()
+    tail = energy.flip(0).cumsum(0).flip(0)  # tail[j] = Σ_{i≥j} s_i²
+    total = float(tail[0]) if tail.numel() else 0.0
+    k = next((j for j in range(1, s.numel() + 1) if j == s.numel() or float(tail[j]) <= total * CONVERT_REL_TOL**2), 1)
+    root = s[:k].sqrt()
+    return (root[:, None] * vh[:k]).reshape(k, *shape[1:]), u[:, :k] * root
 
 
 def merge_adapters(
@@ -401,16 +438,18 @@ def merge_adapters(
     tensors: dict[str, torch.Tensor] = {}
     results: list[ModuleResult] = []
     for step, name in enumerate(names, 1):
-        ups, downs, tail = [], [], None
+        ups, downs, tail, parts, converted = [], [], None, [], False
         for ad, ratio in adapters:
             m = ad.modules.get(name)
             if m is None:
                 continue
-            up, down, t = _factors(m, ad.path)
+            up, down, t, scale, was_converted = _factors(m, ad.path)
             tail = tail or t
-            c = ratio * scale_of(m.family, m.tensors)
+            converted = converted or was_converted
+            c = ratio * scale
             ups.append((c, up.to(dev)))
             downs.append(down.to(dev))
+            parts.append((m, ratio))
         if mode == "concat":
             up = torch.cat([math.copysign(math.sqrt(abs(c)), c) * u for c, u in ups], dim=1)
             down = torch.cat([math.sqrt(abs(c)) * d for (c, _), d in zip(ups, downs)], dim=0)
@@ -424,6 +463,8 @@ def merge_adapters(
             up, down = uu[:, :k] * root, root[:, None] * vh[:k]
             total = float(s.square().sum())
             err = math.sqrt(float(s[k:].square().sum()) / total) if total > 0 else 0.0
+        if converted:  # some part is an SVD of a LoHa/LoKr ΔW: measure the error against the exact sum, densely
+            err = _dense_error(up, down, parts, tail)
         r = down.shape[0]
         conv = len(tail) > 1
         tensors[f"{name}.lora_down.weight"] = down.reshape(r, *tail).to("cpu", out_dtype).contiguous()
@@ -438,6 +479,14 @@ def merge_adapters(
     return AdapterMergeReport(
         str(path), arch, mode, tuple((ad.path, r) for ad, r in adapters), tuple(results), round(time.perf_counter() - start, 3)
     )
+
+
+def _dense_error(up: torch.Tensor, down: torch.Tensor, parts: list[tuple[AdapterModule, float]], tail) -> float:
+    """‖up @ down − Σ ratio·scale·ΔW‖_F / ‖Σ ratio·scale·ΔW‖_F, with ΔW from the modules' own formulas."""
+    shape = (up.shape[0], *tail)
+    exact = sum(ratio * delta(m, shape).to(up.device).reshape(up.shape[0], -1) for m, ratio in parts)
+    norm = float(exact.norm())
+    return float((up @ down - exact).norm()) / norm if norm > 0 else 0.0
 
 
 _DROP = ("sshs_model_hash", "sshs_legacy_hash", "ss_network_dim", "ss_network_alpha", "ss_tag_frequency", "ss_output_name")
