@@ -359,3 +359,21 @@ def test_ckpt_base_gives_same_tensors(fixtures, tmp_path):
     assert main(["merge", str(fixtures / "sd15-tiny.safetensors"), lora, "-o", str(b)]) == 0
     ta, tb = load_file(a), load_file(b)
     assert set(ta) == set(tb) and all(raw(ta[k]) == raw(tb[k]) for k in ta)
+
+
+def test_lora_merge_component_ratio_and_unmapped(tmp_path, capsys):
+    pa, pb = _two_loras(tmp_path)
+    out = tmp_path / "u.safetensors"
+    assert main(["merge", f"{pa}:0.7", f"{pb}:-1.3", "-o", str(out), "--te-ratio", "0", "--unet-ratio", "2"]) == 0
+    got = load_adapter(open_file(out))
+    assert got.modules and all(m.target.component == "unet" for m in got.modules.values())
+    want = _delta_sum([(pa, 1.4), (pb, -2.6)])
+    for name, m in got.modules.items():
+        torch.testing.assert_close(_d(m), want[name], rtol=1e-5, atol=1e-6)
+    tensors = load_file(pa)
+    tensors["lora_unet_nowhere.lora_down.weight"] = torch.zeros(4, 5)
+    tensors["lora_unet_nowhere.lora_up.weight"] = torch.zeros(5, 4)
+    save_tensors(pa, tensors, force=True)
+    capsys.readouterr()
+    assert main(["merge", str(pa), str(pb), "-o", str(tmp_path / "v.safetensors")]) == 2
+    assert "lora_unet_nowhere" in capsys.readouterr().err

@@ -43,11 +43,13 @@ def command(base, loras, out, force, device, dtype, te_ratio, unet_ratio, lbw, d
     source = open_file(ops.parse_adapter_arg(base, lora_dir)[0])
     if into_lora or ops.looks_like_adapter(source.keys()):
         adapters = [adapter(base), *(adapter(a) for a in loras)]
-        if not out:
-            raise LoratoolError("missing -o/--out", hint="name the merged LoRA file, e.g. -o merged.safetensors")
+        if not out or dry_run:
+            raise LoratoolError("LoRA+LoRA merges need -o/--out and take no --dry-run", hint="e.g. -o merged.safetensors")
+        block_weights = parse_block_weights(lbw, adapters[0][0].arch) if lbw else None
         with render.progress_callback("merging LoRAs", not as_json) as cb:
             report = ops.merge_adapters(
-                adapters, out, mode=mode, rank=rank, dtype=dtype, device=device, force=force, on_progress=cb
+                adapters, out, mode=mode, rank=rank, dtype=dtype, device=device, te_ratio=te_ratio, unet_ratio=unet_ratio,
+                block_weights=block_weights, allow_unmapped=allow_unmapped, force=force, on_progress=cb,
             )
         return render.adapter_report(report, as_json)
     if not loras:

@@ -406,10 +406,17 @@ def merge_adapters(
     rank: int | None = None,
     dtype: str | None = None,
     device: str = "cpu",
+    te_ratio: float = 1.0,
+    unet_ratio: float = 1.0,
+    block_weights: BlockWeights | None = None,
+    allow_unmapped: bool = False,
     force: bool = False,
     on_progress: Progress | None = None,
 ) -> AdapterMergeReport:
     """Merge LoRAs into one LoRA (kohya naming) whose ΔW is ``Σ ratioᵢ·scaleᵢ·ΔWᵢ``.
+
+    ``te_ratio`` / ``unet_ratio`` / ``block_weights`` multiply ratioᵢ per module as in
+    :func:`merge_into_checkpoint`; a module whose parts all end up at ratio 0 is left out.
 
     ``concat`` is exact: factors are stacked along the rank with each part's ``ratio·alpha/rank``
     folded into them and the result stored with ``alpha = rank`` (scale 1). ``svd`` keeps the best
@@ -426,6 +433,12 @@ def merge_adapters(
                 f"{ad.path} is for {ARCH_LABELS[ad.arch]}, {adapters[0][0].path} for {ARCH_LABELS[arch]}",
                 hint="merge adapters made for the same base model family",
             )
+    unmapped = [f"{ad.path}: {k}" for ad, _ in adapters for k in ad.unmapped]
+    if unmapped and not allow_unmapped:
+        raise MappingError(
+            f"{len(unmapped)} adapter keys map to no {ARCH_LABELS[arch]} module: {listing(unmapped, 5)}",
+            hint="pass --allow-unmapped to leave them out",
+        )
     if mode not in ("concat", "svd"):
         raise LoratoolError(f"unknown --mode {mode!r}", hint="use concat or svd")
     if mode == "svd" and (rank is None or rank < 1):
@@ -443,13 +456,19 @@ def merge_adapters(
             m = ad.modules.get(name)
             if m is None:
                 continue
+            eff = ratio * (unet_ratio if m.target.component == "unet" else te_ratio)
+            eff *= block_weights.weight_for(m.target) if block_weights is not None else 1.0
+            if eff == 0:
+                continue
             up, down, t, scale, was_converted = _factors(m, ad.path)
             tail = tail or t
             converted = converted or was_converted
-            c = ratio * scale
+            c = eff * scale
             ups.append((c, up.to(dev)))
             downs.append(down.to(dev))
-            parts.append((m, ratio))
+            parts.append((m, eff))
+        if not ups:
+            continue
         if mode == "concat":
             up = torch.cat([math.copysign(math.sqrt(abs(c)), c) * u for c, u in ups], dim=1)
             down = torch.cat([math.sqrt(abs(c)) * d for (c, _), d in zip(ups, downs)], dim=0)
@@ -473,7 +492,10 @@ def merge_adapters(
         results.append(ModuleResult(name, r, err))
         if on_progress:
             on_progress(step, len(names), name)
-    metadata = _adapter_metadata(adapters, mode, results)
+    if not results:
+        raise LoratoolError("every module ends up at ratio 0; nothing to write", hint="check the ratios and --lbw")
+    extra = {"te_ratio": te_ratio, "unet_ratio": unet_ratio, "lbw": block_weights.as_dict() if block_weights else None}
+    metadata = _adapter_metadata(adapters, mode, results, extra)
     metadata = with_hashes(tensors, metadata)
     path = save_tensors(out, tensors, metadata, inputs=[ad.path for ad, _ in adapters], force=force)
     return AdapterMergeReport(
@@ -509,7 +531,7 @@ def merge_tag_frequency(metadatas: Iterable[dict[str, str]]) -> dict[str, dict[s
     return total
 
 
-def _adapter_metadata(adapters, mode: str, results: list[ModuleResult]) -> dict[str, str]:
+def _adapter_metadata(adapters, mode: str, results: list[ModuleResult], extra: dict) -> dict[str, str]:
     metas = [ad.metadata for ad, _ in adapters]
     # Training metadata is kept where every input agrees (same base model, resolution...).
     common = {k: v for k, v in metas[0].items() if k not in _DROP and all(m.get(k) == v for m in metas[1:])}
@@ -523,5 +545,5 @@ def _adapter_metadata(adapters, mode: str, results: list[ModuleResult]) -> dict[
     freq = merge_tag_frequency(metas)
     if freq:
         common["ss_tag_frequency"] = json.dumps(freq, sort_keys=True)
-    common[RECIPE_KEY] = _recipe(adapters, mode=mode)
+    common[RECIPE_KEY] = _recipe(adapters, mode=mode, **extra)
     return common
