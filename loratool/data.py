@@ -23,6 +23,7 @@ from .errors import FormatError, LoratoolError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSIONS = (".txt", ".caption")
+CLIP_VOCAB_SIZE = 49408
 _FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -284,8 +285,17 @@ class CLIPTokenizer:
 
 
 def make_tokenizer(vocab_size: int, folder: str | Path | None = None, max_length: int = 77) -> HashTokenizer | CLIPTokenizer:
-    """CLIP BPE when ``folder`` is given (its vocabulary must fit the text encoder), else :class:`HashTokenizer`."""
+    """CLIP BPE when ``folder`` is given (its vocabulary must fit the text encoder), else :class:`HashTokenizer`.
+
+    Raises:
+        LoratoolError: no ``folder`` for a text encoder with CLIP's real vocabulary size (49408).
+    """
     if folder is None:
+        if vocab_size == CLIP_VOCAB_SIZE:
+            raise LoratoolError(
+                "this text encoder has CLIP's full vocabulary: word hashing would feed it meaningless tokens",
+                hint="pass --tokenizer DIR with the checkpoint's CLIP vocab.json and merges.txt",
+            )
         return HashTokenizer(vocab_size, max_length)
     tok = CLIPTokenizer(folder, max_length)
     if max(tok.vocab.values()) >= vocab_size:

@@ -92,6 +92,12 @@ def test_hash_tokenizer_frames_and_is_stable():
     assert len(tok(" ".join(["word"] * 200))) == 77
 
 
+def test_real_clip_vocab_needs_a_tokenizer():
+    with pytest.raises(LoratoolError, match="full vocabulary") as info:
+        make_tokenizer(49408)
+    assert "--tokenizer" in info.value.hint
+
+
 def _write_vocab(folder: Path, symbols: list[str], merges: list[str]) -> dict[str, int]:
     alphabet = sorted(set(byte_alphabet().values()))
     vocab_list = alphabet + [s + "</w>" for s in alphabet] + symbols + ["<|startoftext|>", "<|endoftext|>"]

@@ -36,9 +36,9 @@ def command(base, prompt, negative, lora_dir, output, steps, guidance, seed, siz
     check_output(output, [base, *(p for _, p in paths)], force)
     dev = resolve_device(device)
     model = load_model(base, dev)
-    applied = [(r.name, r.weight, apply_lora(model, p, r.weight)) for r, p in paths]
     tok = make_tokenizer(model.text_encoder.cfg.vocab_size, tokenizer, model.text_encoder.cfg.max_positions)
     wh = parse_size(size, default_resolution(model))
     with cpu_threads(model, dev):
+        applied = [(r.name, r.weight, apply_lora(model, p, r.weight)) for r, p in paths]
         image = generate(model, text, wh, steps, seed, guidance, negative, tok, dev)
     sample_report(save_png(image, output), text, applied)

@@ -46,8 +46,7 @@ def command(base, data, reg_data, output, rank, alpha, conv_rank, conv_alpha, le
     beside the image, else the folder's "sks dog". The LoRA is written in kohya format with ss_*
     metadata (trigger words in ss_tag_frequency) and sshs hashes.
     """
-    from ..render.common import progress
-    from ..render.train import train_report
+    from ..render.train import train_progress, train_report
     from ..train import TrainOptions, train
 
     if bucket_step < 64 or bucket_step % 64:
@@ -60,8 +59,8 @@ def command(base, data, reg_data, output, rank, alpha, conv_rank, conv_alpha, le
         train_text_encoder=not unet_only, prior_loss_weight=prior_loss_weight, tokenizer=tokenizer,
         save_dtype=save_dtype, output_name=output_name, force=force,
     )
-    with progress("training", steps, enabled=not as_json) as advance:
-        result = train(opts, on_step=lambda step, total, loss: advance(1, note=f"loss {loss:.4f}"))
+    with train_progress(enabled=not as_json) as on_step:
+        result = train(opts, on_step=on_step)
     train_report(result, as_json)
 
 

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -88,10 +90,34 @@ def schedule_tensors() -> dict[str, torch.Tensor]:
     return extra
 
 
-def build_model(cfg: SDConfig, device: str | torch.device = "cpu") -> StableDiffusion:
-    """An uninitialised model (``meta`` device allocates nothing, so SD1.5 sizes cost no memory)."""
+_INIT_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.GroupNorm, nn.LayerNorm)
+
+
+@contextmanager
+def _skip_init() -> Iterator[None]:
+    """Layers skip ``reset_parameters`` (their values are about to be overwritten): building SD1.5 on
+    the ``meta`` device drops from ~4 s to ~0.1 s. Not thread-safe (it patches the layer classes)."""
+    saved = {cls: cls.__dict__.get("reset_parameters") for cls in _INIT_LAYERS}
+    for cls in _INIT_LAYERS:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, fn in saved.items():
+            if fn is None:
+                del cls.reset_parameters  # inherited (Conv2d from _ConvNd)
+            else:
+                cls.reset_parameters = fn
+
+
+def build_model(cfg: SDConfig, device: str | torch.device = "cpu", init: bool = True) -> StableDiffusion:
+    """The network for ``cfg``; ``init=False`` leaves parameters uninitialised (on ``meta`` nothing is allocated,
+    so SD1.5 sizes cost no memory)."""
     with torch.device(device):
-        return StableDiffusion(cfg)
+        if init:
+            return StableDiffusion(cfg)
+        with _skip_init():
+            return StableDiffusion(cfg)
 
 
 def tiny_specs(factor: int = TINY_FACTOR) -> dict[str, TensorSpec]:
@@ -126,7 +152,7 @@ def load_model(
         cfg = infer_config(specs)
         small = sum(s.numel for s in specs.values()) < 50_000_000
         # Small models are cheaper to build directly; large ones allocate nothing until to_empty.
-        model = build_model(cfg, "cpu") if small else build_model(cfg, "meta")
+        model = build_model(cfg, "cpu" if small else "meta", init=False)
         model = model.to(device) if small else model.to_empty(device=device)
         for name, t in model.state_dict(keep_vars=True).items():
             if name not in specs:

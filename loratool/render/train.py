@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .common import print_json, stdout
+from .common import print_json, stderr, stdout
+
+
+@contextmanager
+def train_progress(enabled: bool = True) -> Iterator[Callable[[int, int, float], None]]:
+    """A progress bar on stderr fed by ``train``'s ``on_step(step, total, loss)``; the total comes with the first step."""
+    if not enabled:
+        yield lambda step, total, loss: None
+        return
+    columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("[dim]loss {task.fields[loss]}"))
+    with Progress(*columns, console=stderr) as bar:
+        task = bar.add_task("training", total=None, loss="…")
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
+
+        yield on_step
 
 
 def train_report(result, as_json: bool = False) -> None:
