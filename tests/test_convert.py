@@ -255,6 +255,26 @@ def test_lycoris_to_lora_reproduces_delta(tmp_path, family, capsys):
     assert_same_deltas(deltas(src, "sd1"), deltas(out, "sd1"), rtol=1e-4)
 
 
+@pytest.mark.parametrize("fixture", ["sd15-loha", "sd15-loha-tucker", "sd15-lokr", "sd15-locon-tucker"])
+def test_lycoris_fixtures_to_lora(fixtures, tmp_path, fixture):
+    src, out = fixtures / f"{fixture}.safetensors", tmp_path / "lora.safetensors"
+    assert run("convert", src, out, "--to", "lora") == 0
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in open_file(out).keys())
+    d0, d1 = deltas(src), deltas(out)
+    assert set(d0) == set(d1)
+    for name in d0:  # fp16 factors: relative Frobenius error at fp16 resolution
+        assert float((d0[name] - d1[name]).norm() / d0[name].norm()) < 2e-3, name
+
+
+def test_dora_kept_for_kohya_refused_for_peft(fixtures, tmp_path, capsys):
+    src = fixtures / "sd15-dora.safetensors"
+    assert run("convert", src, tmp_path / "k.safetensors", "--to", "kohya") == 0
+    a, b = tensors_of(src), tensors_of(tmp_path / "k.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k.endswith("dora_scale"))
+    assert run("convert", src, tmp_path / "p.safetensors", "--to", "peft") == 2
+    assert "DoRA" in capsys.readouterr().err
+
+
 def test_lycoris_max_error_refuses(tmp_path, capsys):
     src = tmp_path / "loha.safetensors"
     _lycoris_file(src, "loha")

@@ -159,6 +159,11 @@ def _khatri_rao_rows(a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
     return (a1.unsqueeze(2) * a2.unsqueeze(1)).reshape(a1.shape[0], -1)
 
 
+def _kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Kronecker product of two matrices: ``K[i·p + j, k·q + l] = a[i, k] · b[j, l]`` (b is p×q)."""
+    return (a[:, None, :, None] * b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
+
+
 def _svd_of(module: AdapterModule, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact thin SVD ``U S Vh`` of the module's *unscaled* ΔW flattened to (out, in·kh·kw).
 
@@ -183,9 +188,9 @@ def _svd_of(module: AdapterModule, shape: tuple[int, ...]) -> tuple[torch.Tensor
         w2 = w2.reshape(w2.shape[0], -1)
         u1, s1, vh1 = torch.linalg.svd(w1, full_matrices=False)
         u2, s2, vh2 = torch.linalg.svd(w2, full_matrices=False)
-        s = torch.kron(s1, s2)
+        s = (s1[:, None] * s2[None, :]).reshape(-1)
         order = torch.argsort(s, descending=True)
-        return torch.kron(u1, u2)[:, order], s[order], torch.kron(vh1, vh2)[order]
+        return _kron(u1, u2)[:, order], s[order], _kron(vh1, vh2)[order]
     from ..adapters import delta
 
     dense = delta(AdapterModule(module.target, fam, {k: v for k, v in module.tensors.items() if k != "alpha"}), shape)
@@ -501,6 +506,7 @@ class ModuleResult:
     rank_in: int | None
     rank_out: int
     rel_error: float
+    how: str = "kept"  # kept | folded mid | svd
 
 
 @dataclass(frozen=True)
@@ -554,9 +560,16 @@ class ConvertReport:
             "kept_dtype": list(self.kept_dtype),
             "modules": len(self.modules),
             "modules_refactored": [
-                {"name": m.name, "family": m.family, "rank_in": m.rank_in, "rank_out": m.rank_out, "rel_error": m.rel_error}
+                {
+                    "name": m.name,
+                    "family": m.family,
+                    "how": m.how,
+                    "rank_in": m.rank_in,
+                    "rank_out": m.rank_out,
+                    "rel_error": m.rel_error,
+                }
                 for m in self.modules
-                if m.family != "lora" or m.rank_in != m.rank_out or m.rel_error > 0
+                if m.how != "kept"
             ],
             "max_rel_error": self.max_rel_error,
             "notes": list(self.notes),
@@ -801,7 +814,11 @@ def _convert_adapter(
         tensors[uk] = up.to(out_dt) if not dtype else up
         if module.is_dora:
             tensors[f"{target.name}.dora_scale"] = module.tensors["dora_scale"]
-        results.append(ModuleResult(name, module.family, rank_in, k, err))
+        if module.family == "lora" and (max_rank is None or (rank_in or 0) <= max_rank):
+            how = "folded mid" if "mid" in module.tensors else "kept"
+        else:
+            how = "svd"
+        results.append(ModuleResult(name, module.family, rank_in, k, err, how))
         if on_progress:
             on_progress(i + 1, len(loaded.modules), name)
     if too_far:
@@ -822,7 +839,8 @@ def _convert_adapter(
     metadata = {k: v for k, v in source.metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash", PEFT_ALPHA_KEY)}
     if naming_out != "kohya":
         metadata.setdefault("format", "pt")
-        if any(alphas_out[m] != results[j].rank_out for j, m in enumerate(sorted(alphas_out))) or naming_in == "kohya":
+        ranks = {loaded.modules[m.name].target.peft_module: m.rank_out for m in results}
+        if naming_in == "kohya" or any(alphas_out[m] != ranks[m] for m in alphas_out):
             metadata[PEFT_ALPHA_KEY] = json.dumps(alphas_out, sort_keys=True)
     elif container_of(out) == "safetensors" and ("sshs_model_hash" in source.metadata or naming_in != "kohya"):
         from ..metadata import with_hashes
@@ -833,7 +851,7 @@ def _convert_adapter(
         notes.append(f"renamed {len(results)} modules {naming_in} → {naming_out}")
     if naming_out != "kohya":
         notes.append("alpha/rank folded into lora_B (load with lora_alpha = rank); original alphas in metadata " + PEFT_ALPHA_KEY)
-    refactored = [m for m in results if m.family != "lora" or m.rank_in != m.rank_out]
+    refactored = [m for m in results if m.how != "kept"]
     if refactored:
         worst = max(m.rel_error for m in results)
         notes.append(f"{len(refactored)} modules refactored to plain LoRA (max relative error {worst:.2e})")
