@@ -6,6 +6,8 @@ callback. Formulas (one module m of adapter i, per-adapter ratio ρᵢ, componen
     checkpoint   W ← W + ρᵢ·κ·β · (alphaₘ/rankₘ)·ΔWₘ          (DoRA: see adapters.apply_to_weight)
     concat       up = [sᵢ·√|cᵢ|·upᵢ]ᵢ, down = [√|cᵢ|·downᵢ]ᵢ, alpha = rank = Σ rᵢ   with cᵢ = ρᵢ·alphaᵢ/rᵢ, sᵢ = sign(cᵢ)
     svd          U S Vᵀ = [cᵢ·upᵢ]ᵢ @ [downᵢ]ᵢ (factored, no dense ΔW); up = U√S, down = √S Vᵀ, alpha = rank = N
+
+LoHa / LoKr / LoCon-Tucker parts of a LoRA+LoRA merge are first turned into LoRA factors (ops.convert).
 """
 
 from __future__ import annotations
@@ -332,6 +334,7 @@ class ModuleResult:
     name: str
     rank: int
     rel_error: float
+    conv3x3: bool = False
 
 
 @dataclass(frozen=True)
@@ -489,7 +492,7 @@ def merge_adapters(
         tensors[f"{name}.lora_down.weight"] = down.reshape(r, *tail).to("cpu", out_dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = (up.reshape(up.shape[0], r, 1, 1) if conv else up).to("cpu", out_dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(r), dtype=out_dtype)
-        results.append(ModuleResult(name, r, err))
+        results.append(ModuleResult(name, r, err, len(tail) == 3 and tuple(tail[1:]) != (1, 1)))
         if on_progress:
             on_progress(step, len(names), name)
     if not results:
@@ -511,7 +514,10 @@ def _dense_error(up: torch.Tensor, down: torch.Tensor, parts: list[tuple[Adapter
     return float((up @ down - exact).norm()) / norm if norm > 0 else 0.0
 
 
-_DROP = ("sshs_model_hash", "sshs_legacy_hash", "ss_network_dim", "ss_network_alpha", "ss_tag_frequency", "ss_output_name")
+_DROP = (
+    "sshs_model_hash", "sshs_legacy_hash", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_network_module",
+    "ss_tag_frequency", "ss_output_name", "modelspec.hash_sha256",
+)  # fmt: skip
 
 
 def merge_tag_frequency(metadatas: Iterable[dict[str, str]]) -> dict[str, dict[str, int]]:
@@ -535,13 +541,16 @@ def _adapter_metadata(adapters, mode: str, results: list[ModuleResult], extra: d
     metas = [ad.metadata for ad, _ in adapters]
     # Training metadata is kept where every input agrees (same base model, resolution...).
     common = {k: v for k, v in metas[0].items() if k not in _DROP and all(m.get(k) == v for m in metas[1:])}
-    ranks = {r.rank for r in results}
-    rank = max(ranks, default=0)
+    conv = {r.rank for r in results if r.conv3x3}
+    other = {r.rank for r in results if not r.conv3x3}
+    # as kohya writes them: one number when uniform, "Dynamic" when ranks differ per module; alpha = rank everywhere
+    dim = str(next(iter(other))) if len(other) == 1 else "Dynamic"
     common["ss_network_module"] = "networks.lora"
-    common["ss_network_dim"] = str(rank)
-    common["ss_network_alpha"] = f"{float(rank)}"
-    if len(ranks) > 1:
-        common["ss_network_args"] = json.dumps({"note": "ranks differ per module; alpha = rank everywhere"})
+    common["ss_network_dim"] = dim
+    common["ss_network_alpha"] = f"{float(dim)}" if dim != "Dynamic" else dim
+    if conv:
+        cdim = str(next(iter(conv))) if len(conv) == 1 else "Dynamic"
+        common["ss_network_args"] = json.dumps({"conv_dim": cdim, "conv_alpha": cdim})
     freq = merge_tag_frequency(metas)
     if freq:
         common["ss_tag_frequency"] = json.dumps(freq, sort_keys=True)
