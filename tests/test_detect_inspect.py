@@ -274,3 +274,22 @@ def test_checkpoint_without_vae_says_so():
     det = detect_file(specs)
     assert (det.kind, det.arch) == ("checkpoint", "sd1")
     assert any("no VAE weights" in e for e in det.evidence)
+
+
+@pytest.mark.parametrize("name", ["sd15-lora-kohya", "sd15-lokr", "sd15-loha", "sd15-locon-tucker", "sd15-lora-peft"])
+def test_closed_form_norms_agree_with_dense_delta(fixtures, name):
+    """‖scale·ΔW‖² from Gram matrices / Kronecker norms equals the norm of the dense adapters.delta."""
+    from loratool.adapters import delta, load_adapter
+    from loratool.inspection import delta_norm_sq
+    from loratool.layouts import shrink_shape
+    from loratool.source import open_file
+
+    path = fixtures / f"{name}.safetensors"
+    if not path.exists():
+        pytest.skip(f"{path.name} not generated")
+    with open_file(path) as src:
+        adapter = load_adapter(src)
+    for m in list(adapter.modules.values())[::7]:
+        shape = shrink_shape(m.target.target_shape, 64)
+        dense = float(delta(m, shape).double().pow(2).sum())
+        assert delta_norm_sq(m, shape) == pytest.approx(dense, rel=1e-4, abs=1e-12)

@@ -167,3 +167,19 @@ def test_diffusers_folder_and_subprocess(capsys, tmp_path, fixtures):
 def test_help(capsys, flag):
     assert main(["inspect", flag]) == 0
     assert "--arch" in capsys.readouterr().out
+
+
+def test_doc_examples_run(capsys):
+    """Every `$ loratool inspect ...` line in docs/inspect.md runs on the fixtures and exits 0."""
+    import shlex
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "inspect.md"
+    lines = [ln[2:].strip() for ln in doc.read_text().splitlines() if ln.startswith("$ loratool inspect")]
+    assert len(lines) >= 5
+    root = doc.parent.parent
+    for line in lines:
+        args = [str(root / a) if a.startswith("fixtures/") else a for a in shlex.split(line)[1:]]
+        assert main(args) == 0, line
+        out = capsys.readouterr().out
+        assert out.strip(), line
