@@ -183,3 +183,16 @@ def test_doc_examples_run(capsys):
         assert main(args) == 0, line
         out = capsys.readouterr().out
         assert out.strip(), line
+
+
+def test_pickle_checkpoint(capsys, tmp_path):
+    from loratool.synth import make_checkpoint
+
+    p = tmp_path / "model.ckpt"
+    torch.save({"state_dict": make_checkpoint("sd1", seed=3)}, p)
+    code, out, err = run(capsys, "--json", "--hash", "--stats", p)
+    assert code == 0, err
+    (doc,) = json.loads(out)
+    assert (doc["format"], doc["kind"], doc["detection"]["arch"]) == ("pickle", "checkpoint", "sd1")
+    assert doc["hashes"]["addnet"] is None  # the addnet hash is defined for safetensors only
+    assert doc["stats"]["tensors_checked"] == doc["tensors"]["count"] and doc["stats"]["nonfinite"] == []

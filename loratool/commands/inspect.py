@@ -25,17 +25,17 @@ def command(files: tuple[Path, ...], as_json: bool, keys: bool, stats: bool, arc
 
     Reads only the header unless --stats, --keys or hashes ask for more.
     """
-    from ..inspection import inspect_path
+    from ..inspection import inspect_source
     from ..render import inspect as render
     from ..render.common import progress
+    from ..source import open_file
 
     reports = []
     for f in files:
-        if stats:
-            with progress(f"checking {f.name}", None, enabled=not as_json) as advance:
-                reports.append(inspect_path(f, arch=arch, hashes=hashes, keys=keys, stats=True, progress=advance))
-        else:
-            reports.append(inspect_path(f, arch=arch, hashes=hashes, keys=keys))
+        with open_file(f) as source:
+            total = len(source.keys())
+            with progress(f"checking {f.name}", total, enabled=stats and not as_json) as advance:
+                reports.append(inspect_source(source, arch=arch, hashes=hashes, keys=keys, stats=stats, progress=advance))
     if as_json:
         render.render_json(reports)
     else:
