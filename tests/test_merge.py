@@ -33,12 +33,15 @@ def expected_merge(base: dict, adapters: list, te=1.0, unet=1.0) -> dict:
             t = m.target
             r = ratio * (unet if t.component == "unet" else te)
             w = out[t.address]
-            if t.rows is None:
-                out[t.address] = apply_to_weight(w, m, r)
-            else:
+            a, b = 0, w.shape[0]
+            if t.rows is not None:
                 f = t.shape[0] // w.shape[0]
                 a, b = t.rows[0] // f, t.rows[1] // f
-                w[a:b] = apply_to_weight(w[a:b], m, r)
+            part = w[a:b]
+            if m.is_dora:
+                w[a:b] = apply_to_weight(part, m, r)
+            else:  # the formula, spelled out: W + ratio · (alpha/rank)·ΔW
+                w[a:b] = part + r * delta(m, tuple(part.shape))
     return out
 
 
@@ -377,3 +380,13 @@ def test_lora_merge_component_ratio_and_unmapped(tmp_path, capsys):
     capsys.readouterr()
     assert main(["merge", str(pa), str(pb), "-o", str(tmp_path / "v.safetensors")]) == 2
     assert "lora_unet_nowhere" in capsys.readouterr().err
+
+
+def test_output_dtype(fixtures, tmp_path):
+    out = tmp_path / "bf.safetensors"
+    assert main(["merge", str(fixtures / "sd15-tiny.safetensors"), str(fixtures / "sd15-lokr.safetensors"),
+                 "-o", str(out), "--dtype", "bf16"]) == 0  # fmt: skip
+    base, got = open_file(fixtures / "sd15-tiny.safetensors"), open_file(out)
+    for k in base.keys():
+        want = "BF16" if base.spec(k).dtype.startswith("F") else base.spec(k).dtype
+        assert got.spec(k).dtype == want and got.spec(k).shape == base.spec(k).shape, k
