@@ -160,15 +160,21 @@ def dataset_folders(metadata: Mapping[str, str]) -> dict[str, dict[str, int | No
         for name, info in dirs.items():
             info = info if isinstance(info, dict) else {}
             out[name] = {"repeats": _int_or_none(info.get("n_repeats")), "images": _int_or_none(info.get("img_count"))}
+    for name, sub in _training_subsets(metadata):
+        info = {"repeats": _int_or_none(sub.get("num_repeats")), "images": _int_or_none(sub.get("img_count"))}
+        out.setdefault(name, info)
+    return out
+
+
+def _training_subsets(metadata: Mapping[str, str]) -> list[tuple[str, dict]]:
+    """(folder basename, subset) for the non-regularisation subsets of ``ss_datasets``."""
+    out = []
     datasets = parse_json_field(metadata, "ss_datasets")
-    if isinstance(datasets, list):
-        for ds in datasets:
-            for sub in (ds.get("subsets") or []) if isinstance(ds, dict) else []:
-                if not isinstance(sub, dict) or not sub.get("image_dir"):
-                    continue
-                name = str(sub["image_dir"]).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-                info = {"repeats": _int_or_none(sub.get("num_repeats")), "images": _int_or_none(sub.get("img_count"))}
-                out.setdefault(name, info)
+    for ds in datasets if isinstance(datasets, list) else []:
+        for sub in (ds.get("subsets") or []) if isinstance(ds, dict) else []:
+            if not isinstance(sub, dict) or not sub.get("image_dir") or sub.get("is_reg"):
+                continue
+            out.append((str(sub["image_dir"]).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1], sub))
     return out
 
 
@@ -226,9 +232,17 @@ def trigger_words(metadata: Mapping[str, str]) -> Triggers:
     folders = dataset_folders(metadata)
     tags, n = rank_tags(freq, {k: v["images"] for k, v in folders.items()})
     names = sorted(set(freq) | set(folders))
-    parsed = tuple(f for f in (dreambooth_folder(n_) for n_ in names) if f is not None)
+    parsed = [f for f in (dreambooth_folder(n_) for n_ in names) if f is not None]
+    # dataset-config DreamBooth subsets name their trigger in class_tokens ("sks dog"), whatever the folder is called
+    named = {f.folder for f in parsed}
+    for folder, sub in _training_subsets(metadata):
+        tokens = str(sub.get("class_tokens") or "").split(None, 1)
+        if tokens and folder not in named:
+            repeats = _int_or_none(sub.get("num_repeats")) or 1
+            parsed.append(DreamboothFolder(folder, repeats, tokens[0], tokens[1] if len(tokens) > 1 else ""))
+            named.add(folder)
     phrase = (metadata.get("modelspec.trigger_phrase") or "").strip() or None
-    return Triggers(tuple(tags), n, parsed, phrase)
+    return Triggers(tuple(tags), n, tuple(parsed), phrase)
 
 
 # ----------------------------------------------------------------------------- training parameters

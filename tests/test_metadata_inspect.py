@@ -140,3 +140,19 @@ def test_one_pass_hashes_equal_the_separate_ones(tmp_path, header_len, chunk):
     p.write_bytes(struct.pack("<Q", header_len) + b"h" * header_len + bytes(range(100)))
     assert file_and_data_sha256(p, True, chunk) == (file_sha256(p), addnet_hash(p))
     assert file_and_data_sha256(p, False, chunk) == (file_sha256(p), None)
+
+
+def test_dataset_config_subsets_give_triggers_and_skip_regularisation():
+    datasets = [
+        {
+            "subsets": [
+                {"image_dir": "/data/train/char", "img_count": 8, "num_repeats": 4, "class_tokens": "ohwx woman"},
+                {"image_dir": "/data/reg/1_woman", "img_count": 100, "num_repeats": 1, "class_tokens": "woman", "is_reg": True},
+            ],
+            "tag_frequency": {"char": {"ohwx": 8, "smile": 2}},
+        }
+    ]
+    t = trigger_words({"ss_datasets": json.dumps(datasets)})
+    assert [(f.folder, f.identifier, f.class_name, f.repeats) for f in t.folders] == [("char", "ohwx", "woman", 4)]
+    assert t.images == 8  # the regularisation folder is not counted
+    assert [(x.tag, x.share) for x in t.tags] == [("ohwx", 1.0), ("smile", 0.25)]
