@@ -130,3 +130,25 @@ def test_vae_matches_diffusers(fixtures):
         theirs = ref.encode(img).latent_dist.mean * 0.18215
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(model.vae.decode(ours), ref.decode(theirs / 0.18215).sample, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+@needs_links
+def test_text_encoder_matches_transformers(fixtures):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model = load_model(fixtures / "tiny-sd1.safetensors")
+    cfg = model.cfg.text
+    ref = CLIPTextModel(CLIPTextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_positions, hidden_act="quick_gelu",
+        bos_token_id=cfg.vocab_size - 2, eos_token_id=cfg.vocab_size - 1, pad_token_id=cfg.vocab_size - 1,
+    ))
+    state = _diffusers_state(model, "text_encoder", "cond_stage_model.")
+    if not any(k.startswith("text_model.") for k in ref.state_dict()):  # transformers ≥ 5 drops the prefix
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing)
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.max_positions), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model.text_encoder(ids), ref(ids).last_hidden_state, atol=1e-5, rtol=1e-4)

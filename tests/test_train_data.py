@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -130,3 +131,15 @@ def test_clip_tokenizer_needs_both_files(tmp_path):
     (tmp_path / "vocab.json").write_text("{}")
     with pytest.raises(LoratoolError, match="merges.txt"):
         CLIPTokenizer(tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_clip_bpe_agrees_with_transformers(tmp_path):
+    from transformers import CLIPTokenizer as Reference
+
+    _write_vocab(tmp_path, ["lo", "low</w>", "er</w>", "ne", "new", "newer</w>"],
+                 ["l o", "lo w</w>", "e r</w>", "n e", "ne w", "new er</w>"])
+    ref = Reference(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    ours = CLIPTokenizer(tmp_path)
+    for text in ["Low  NEWER, 7", "lower newer!! it's 42 élan café_x", "a  \t b", "hello-world 3.14 ok?", "naïve 日本 x__y"]:
+        assert ours(text) == ref(text, padding="max_length", max_length=77)["input_ids"], text
