@@ -63,12 +63,11 @@ def checkpoint_report(report: MergeReport, as_json: bool = False) -> None:
         )
         return
     if report.dry_run:
-        table = Table(title=f"{report.arch} ({report.naming}) — what each module changes", title_justify="left")
-        for col in ("#", "module", "family", "ratio", "weight", "rows"):
-            table.add_column(col)
+        # one line per module, never truncated: ADAPTER# MODULE → KEY[ROWS] ×RATIO (FAMILY)
         for a in report.assignments:
-            table.add_row(str(a.adapter + 1), a.module, a.family, f"{a.ratio:g}", a.key, _fmt_rows(a.rows))
-        stdout.print(table)
+            stdout.print(
+                f"{a.adapter + 1} {escape(a.module)} → {escape(a.key + _fmt_rows(a.rows))} ×{a.ratio:g} [dim]({a.family})[/]"
+            )
     for path, key in report.unmapped:
         stdout.print(f"[yellow]unmapped[/] {escape(Path(path).name)}: {escape(key)}")
     verb = "would change" if report.dry_run else "changed"
