@@ -390,3 +390,26 @@ def test_output_dtype(fixtures, tmp_path):
     for k in base.keys():
         want = "BF16" if base.spec(k).dtype.startswith("F") else base.spec(k).dtype
         assert got.spec(k).dtype == want and got.spec(k).shape == base.spec(k).shape, k
+
+
+def test_peft_dora_magnitude_vector_end_to_end(fixtures, tmp_path):
+    # PEFT DoRA: lora_A/lora_B (no alpha ⇒ scale 1) plus lora_magnitude_vector (out,): W' = m · V / ‖V‖_row
+    lora = load_file(fixtures / "sd15-lora-peft.safetensors")
+    base = load_file(fixtures / "sd15-tiny.safetensors")
+    mods = [t for t in kohya_modules("sd1").values() if t.component == "unet" and t.kind == "linear"][:6]
+    tensors = {}
+    for t in mods:
+        a, b = lora[f"{t.peft_module}.lora_A.weight"].float(), lora[f"{t.peft_module}.lora_B.weight"].float()
+        tensors[f"{t.peft_module}.lora_A.weight"], tensors[f"{t.peft_module}.lora_B.weight"] = a, b
+        tensors[f"{t.peft_module}.lora_magnitude_vector"] = torch.linspace(0.5, 1.5, b.shape[0])
+    p = tmp_path / "dora-peft.safetensors"
+    save_tensors(p, tensors)
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", str(fixtures / "sd15-tiny.safetensors"), str(p), "-o", str(out)]) == 0
+    merged = load_file(out)
+    for t in mods:
+        w = base[t.address].float()
+        v = w + tensors[f"{t.peft_module}.lora_B.weight"] @ tensors[f"{t.peft_module}.lora_A.weight"]
+        want = tensors[f"{t.peft_module}.lora_magnitude_vector"][:, None] * v / v.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(merged[t.address].float(), want.half().float(), rtol=0, atol=2e-3)
+        assert torch.allclose(merged[t.address].float().norm(dim=1), tensors[f"{t.peft_module}.lora_magnitude_vector"], atol=1e-2)
