@@ -483,7 +483,7 @@ def delta(module: AdapterModule, shape: tuple[int, ...] | None = None) -> torch.
     elif module.family == "lokr":
         d = lokr_delta(t, shape)
     elif module.family == "full":
-        d = t["diff"]
+        d = t["diff"].clone()  # never hand out the module's own tensor
     else:
         raise DetectionError(f"{module.target.name}: unknown family {module.family}")
     if d.numel() != _numel(shape):
