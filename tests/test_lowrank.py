@@ -27,6 +27,15 @@ from loratool.ops.lowrank import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one torch thread avoids OpenMP spin-waits on a busy 2-core machine (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @settings(max_examples=25, deadline=None)
 @given(out=st.integers(1, 24), inp=st.integers(1, 24), r=st.integers(1, 8), seed=st.integers(0, 10_000))
 def test_factored_svd_equals_dense_svd(out, inp, r, seed):
@@ -141,6 +150,8 @@ def test_sv_fro_on_truncated_spectrum_uses_total_norm():
         ("params:1000", Budget(params=1000)),
     ],
 )
+
+
 def test_parse_rule(text, rule):
     assert parse_rule(text) == rule
 
