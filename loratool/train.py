@@ -350,6 +350,18 @@ def _kohya_metadata(opts: TrainOptions, subsets, reg_subsets, resolution: int, b
     }
     if network_args:
         meta["ss_network_args"] = json.dumps(network_args)
+    subsets_meta = [
+        {"img_count": len(sub.items), "num_repeats": sub.repeats, "color_aug": False, "flip_aug": False,
+         "random_crop": False, "shuffle_caption": False, "keep_tokens": 0, "image_dir": sub.path.name,
+         "class_tokens": sub.class_tokens, "is_reg": sub.is_reg}
+        for sub in [*subsets, *reg_subsets]
+    ]
+    meta["ss_datasets"] = json.dumps([{
+        "is_dreambooth": True, "batch_size_per_device": opts.batch_size, "num_train_images": num_images,
+        "num_reg_images": num_reg, "resolution": [resolution, resolution], "enable_bucket": True,
+        "min_bucket_reso": int(meta["ss_min_bucket_reso"]), "max_bucket_reso": resolution * 2,
+        "tag_frequency": tag_frequency(subsets), "bucket_info": {"buckets": buckets}, "subsets": subsets_meta,
+    }], sort_keys=True)
     return meta
 
 

@@ -70,6 +70,9 @@ def test_output_is_kohya_lora_with_metadata(trained):
     assert parse_json_field(md, "ss_dataset_dirs") == {"8_sks blob": {"n_repeats": 8, "img_count": 4}}
     assert parse_json_field(md, "ss_reg_dataset_dirs") == {"1_blob": {"n_repeats": 1, "img_count": 2}}
     assert md["ss_num_train_images"] == "4" and md["ss_num_reg_images"] == "2"
+    (dataset,) = parse_json_field(md, "ss_datasets")
+    assert [(s["image_dir"], s["class_tokens"], s["num_repeats"], s["img_count"], s["is_reg"]) for s in dataset["subsets"]] == [
+        ("8_sks blob", "sks blob", 8, 4, False), ("1_blob", "blob", 1, 2, True)]
     tensors = {k: src.get(k) for k in src.keys()}
     assert (md["sshs_model_hash"], md["sshs_legacy_hash"]) == kohya_hashes(tensors, md)
 
