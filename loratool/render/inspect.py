@@ -73,7 +73,7 @@ def _render_one(r: Inspection) -> None:
         _kv(g, "evidence", f"[dim]{escape(line)}[/]")
     _kv(g, "file", f"{human_size(r.file_size)} ({r.format})")
     dts = ", ".join(f"{k} ×{v}" for k, v in r.dtypes.items())
-    _kv(g, "tensors", f"{r.tensors} tensors, {human_count(r.parameters)} parameters; {dts}")
+    _kv(g, "tensors", f"{r.tensors} tensors, {human_count(r.parameters)} parameters" + (f"; {dts}" if dts else ""))
     if r.components:
         what = "modules" if det.kind == "adapter" else "keys"
         _kv(g, f"{what} by component", ", ".join(f"{c} {n}" for c, n in r.components.items()))
