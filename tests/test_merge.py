@@ -413,3 +413,23 @@ def test_peft_dora_magnitude_vector_end_to_end(fixtures, tmp_path):
         want = tensors[f"{t.peft_module}.lora_magnitude_vector"][:, None] * v / v.norm(dim=1, keepdim=True)
         torch.testing.assert_close(merged[t.address].float(), want.half().float(), rtol=0, atol=2e-3)
         assert torch.allclose(merged[t.address].float().norm(dim=1), tensors[f"{t.peft_module}.lora_magnitude_vector"], atol=1e-2)
+
+
+def test_full_diff_with_bias(fixtures, tmp_path):
+    # LyCORIS "full" modules: diff (the whole ΔW, scale 1) and diff_b (the bias ΔW, next to the weight)
+    base = load_file(fixtures / "sd15-tiny.safetensors")
+    mods = [t for t in kohya_modules("sd1").values() if t.kind in ("linear", "conv3x3")][::60]
+    tensors = {}
+    for i, t in enumerate(mods):
+        w, b = base[t.address], base[t.address.removesuffix("weight") + "bias"]
+        tensors[f"{t.name}.diff"] = torch.full(w.shape, 0.01 * (i + 1))
+        tensors[f"{t.name}.diff_b"] = torch.full(b.shape, -0.02)
+    p = tmp_path / "full.safetensors"
+    save_tensors(p, tensors)
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", str(fixtures / "sd15-tiny.safetensors"), f"{p}:0.5", "-o", str(out)]) == 0
+    merged = load_file(out)
+    for i, t in enumerate(mods):
+        bias = t.address.removesuffix("weight") + "bias"
+        torch.testing.assert_close(merged[t.address].float(), (base[t.address].float() + 0.005 * (i + 1)).half().float())
+        torch.testing.assert_close(merged[bias].float(), (base[bias].float() - 0.01).half().float())

@@ -111,6 +111,7 @@ class Assignment:
     module: str
     family: str
     ratio: float
+    part: str = "weight"  # "bias" for a full-diff module's ``diff_b``
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,12 @@ def plan_checkpoint_merge(
             comp = unet_ratio if t.component == "unet" else te_ratio
             bw = block_weights.weight_for(t) if block_weights is not None else 1.0
             plan.append(Assignment(key, rows, i, name, m.family, ratio * comp * bw))
+            if "diff_b" in m.tensors:  # a full module's bias ΔW goes to the bias next to the weight (same rows)
+                bias = key.removesuffix("weight") + "bias"
+                if bias not in base_specs:
+                    missing.append((ad.path, f"{name}.diff_b → {bias}"))
+                else:
+                    plan.append(Assignment(bias, rows, i, name, m.family, ratio * comp * bw, "bias"))
     return plan, missing
 
 
@@ -258,10 +265,11 @@ def merge_into_checkpoint(
                 w = tensor.to(dev, torch.float32)
                 for a in by_key[key]:
                     module = _module_on(adapters[a.adapter][0].modules[a.module], dev)
-                    if a.rows is None:
-                        w = apply_to_weight(w, module, a.ratio)
+                    lo, hi = a.rows if a.rows is not None else (0, w.shape[0])
+                    if a.part == "bias":
+                        w[lo:hi] += a.ratio * module.tensors["diff_b"].float().reshape(w[lo:hi].shape)
                     else:
-                        w[a.rows[0]: a.rows[1]] = apply_to_weight(w[a.rows[0]: a.rows[1]], module, a.ratio)
+                        w[lo:hi] = apply_to_weight(w[lo:hi], module, a.ratio)
                 tensor = w
             writer, name = writers[key]
             writer.write(name, tensor)

@@ -52,7 +52,10 @@ def checkpoint_report(report: MergeReport, as_json: bool = False) -> None:
                 "dry_run": report.dry_run,
                 "adapters": [{"file": p, "ratio": r} for p, r in report.adapters],
                 "assignments": [
-                    {"key": a.key, "rows": a.rows, "adapter": a.adapter, "module": a.module, "family": a.family, "ratio": a.ratio}
+                    {
+                        "key": a.key, "rows": a.rows, "adapter": a.adapter, "module": a.module, "family": a.family,
+                        "ratio": a.ratio, "part": a.part,
+                    }  # fmt: skip
                     for a in report.assignments
                 ],
                 "unmapped": [{"file": p, "key": k} for p, k in report.unmapped],
