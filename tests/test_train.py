@@ -171,3 +171,10 @@ def test_full_finetune_is_an_sd1_checkpoint_and_extracts(tmp_path):
     adapter = load_adapter(open_file(lora))
     assert adapter.arch == "sd1" and adapter.modules
     assert all(m.target.component == "unet" for m in adapter.modules.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_without_gpu_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    assert main(["train", "--data", str(DATA / "img"), "-o", str(out), "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and not out.exists()
