@@ -334,6 +334,12 @@ def _detect_adapter(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]
     evidence = [f"{mapped} of {len(keys)} keys map to {len(index.modules)} {chosen} modules"]
     if index.unmapped:
         evidence.append(f"{len(index.unmapped)} keys map to no {chosen} module")
+    if index.modules:
+        from .adapters import fit_count, shrink_factor
+
+        fitting = fit_count(index, specs, shrink_factor(index, specs))
+        if fitting < len(index.modules):
+            evidence.append(f"only {fitting} of {len(index.modules)} modules have factor shapes that fit the {chosen} weights")
     if metadata and (recorded := _recorded_arch(metadata)):
         evidence.append(f"metadata names base model {recorded}")
     return FileDetection(

@@ -474,6 +474,23 @@ def as_dict(report: Inspection) -> dict:
         "keys": [{"key": k.key, "shape": list(k.shape), "dtype": k.dtype, "maps_to": k.maps_to} for k in report.keys]
         if report.keys is not None
         else None,
+        "modules": [
+            {
+                "name": m.name,
+                "component": m.component,
+                "family": m.family,
+                "layer": m.layer,
+                "rank": m.rank,
+                "alpha": m.alpha,
+                "dora": m.dora,
+                "tucker": m.tucker,
+                "address": m.address,
+                "rows": list(m.rows) if m.rows else None,
+            }
+            for m in report.modules
+        ]
+        if report.keys is not None and report.adapter is not None
+        else None,
         "stats": {
             "blocks": [asdict(b) for b in report.stats.blocks],
             "nonfinite": [asdict(n) for n in report.stats.nonfinite],

@@ -16,7 +16,7 @@ from loratool.writer import save_tensors
 
 GOLDEN_TOP = {
     "adapter", "components", "detection", "file_size", "format", "hash_note", "hashes", "keys", "kind",
-    "modelspec", "path", "schema", "stats", "tensors", "training", "triggers", "warnings",
+    "modelspec", "modules", "path", "schema", "stats", "tensors", "training", "triggers", "warnings",
 }
 GOLDEN_DETECTION = {"arch", "arch_label", "confidence", "description", "evidence", "forced", "naming", "other", "runner_up"}
 GOLDEN_ADAPTER = {
@@ -48,7 +48,7 @@ def test_json_schema_is_stable(capsys, fixtures):
         assert set(doc["tensors"]) == GOLDEN_TENSORS
         assert set(doc["triggers"]) == GOLDEN_TRIGGERS
         assert doc["schema"] == "loratool.inspect/1"
-        assert doc["keys"] is None and doc["stats"] is None
+        assert doc["keys"] is None and doc["stats"] is None and doc["modules"] is None
     assert set(lora["adapter"]) == GOLDEN_ADAPTER
     assert set(lora["hashes"]) == GOLDEN_HASHES
     assert (lora["kind"], lora["detection"]["arch"], lora["detection"]["naming"]) == ("adapter", "sd1", "kohya")
@@ -103,6 +103,9 @@ def test_unmapped_keys_are_shown_and_exit_zero(capsys, tmp_path, fixtures):
     code, out, _ = run(capsys, "--json", "--keys", p)
     (doc,) = json.loads(out)
     assert doc["adapter"]["unmapped"] == ["unet.not_a_block.lora_A.weight"]
+    assert len(doc["modules"]) == doc["adapter"]["modules"]
+    golden = {"address", "alpha", "component", "dora", "family", "layer", "name", "rank", "rows", "tucker"}
+    assert set(doc["modules"][0]) == golden
     assert [k["key"] for k in doc["keys"] if k["maps_to"] == "unmapped"] == ["unet.not_a_block.lora_A.weight"]
 
 

@@ -186,7 +186,21 @@ def _render_stats(r: Inspection) -> None:
         stdout.print(t)
 
 
+def _render_modules(r: Inspection) -> None:
+    t = Table(title=f"modules ({len(r.modules)})", title_justify="left")
+    for col in ("module", "family", "layer", "rank", "alpha", "flags"):
+        justify = "right" if col in ("rank", "alpha") else "left"
+        t.add_column(col, overflow="fold" if col == "module" else "ellipsis", justify=justify)
+    for m in r.modules:
+        flags = " ".join(f for f, on in (("DoRA", m.dora), ("Tucker", m.tucker)) if on)
+        rank = str(m.rank) if m.rank is not None else "-"
+        t.add_row(escape(m.name), FAMILY_LABELS[m.family], m.layer, rank, _alpha(m.alpha) if m.alpha is not None else "-", flags)
+    stdout.print(t)
+
+
 def _render_keys(r: Inspection) -> None:
+    if r.adapter is not None and r.modules:
+        _render_modules(r)
     t = Table(title=f"keys ({len(r.keys or ())})", title_justify="left")
     t.add_column("key", overflow="fold")
     t.add_column("shape")
