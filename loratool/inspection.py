@@ -95,6 +95,12 @@ class KeyInfo:
 
 @dataclass(frozen=True)
 class Inspection:
+    """Everything ``loratool inspect`` reports about one file; :func:`as_dict` is its JSON form.
+
+    ``keys``, ``stats`` and ``hashes`` are None unless asked for (hashes: adapters by default);
+    ``modules`` is filled for adapters.
+    """
+
     path: str
     format: str
     file_size: int
@@ -184,7 +190,9 @@ def inspect_source(
         if report.legacy_match is False:
             warnings.append("stored sshs_legacy_hash does not match the recomputed one")
     elif do_hash:
-        note = "not computed: a folder has no single-file hash"
+        note = "not computed: not a single file (a diffusers folder has no file hash)"
+    elif hashes is False:
+        note = "not computed (--no-hash)"
     else:
         note = "not computed (default for checkpoints and other files: pass --hash; it reads the whole file)"
     key_list = _key_infos(specs, det, index) if keys else None
