@@ -295,6 +295,15 @@ def test_unmappable_key_exits_2_listing_it(fixtures, tmp_path, capsys):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_incomplete_module_exits_2_listing_it(fixtures, tmp_path, capsys):
+    t = tensors_of(fixtures / "sd15-lora-kohya.safetensors")
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    del t[f"{name}.lora_up.weight"]
+    save_tensors(tmp_path / "bad.safetensors", t)
+    assert run("convert", tmp_path / "bad.safetensors", tmp_path / "o.safetensors", "--to", "peft") == 2
+    assert name in capsys.readouterr().err
+
+
 def test_existing_output_untouched_without_force(fixtures, tmp_path, capsys):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"keep me")

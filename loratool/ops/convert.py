@@ -768,6 +768,7 @@ def _convert_adapter(
             recorded = {str(k): float(v) for k, v in json.loads(source.metadata[PEFT_ALPHA_KEY]).items()}
         except (TypeError, ValueError):
             recorded = {}
+    _check_roles(str(source.path), loaded.modules)
     bad = [name for name, m in loaded.modules.items() if "diff_b" in m.tensors]
     if bad:
         raise MappingError(
@@ -880,6 +881,40 @@ def _convert_adapter(
         max_rel_error=max((m.rel_error for m in results), default=0.0),
         notes=tuple(notes),
     )
+
+
+# Roles each family's conversion consumes; a module with any other role, or without its required ones, is refused
+# (a key is never dropped silently).
+_REQUIRED = {
+    "lora": ({"down", "up"},),
+    "loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},),
+    "lokr": ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"}),
+    "full": ({"diff"},),
+}
+_USED = {
+    "lora": {"down", "up", "mid", "alpha", "dora_scale"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"},
+    "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha", "dora_scale"},
+    "full": {"diff", "diff_b"},
+}
+
+
+def _check_roles(path: str, modules: Mapping[str, AdapterModule]) -> None:
+    problems = []
+    for name, m in modules.items():
+        roles = set(m.tensors)
+        extra = roles - _USED.get(m.family, set())
+        if extra:
+            problems.extend(m.keys.get(r, f"{name}.{r}") for r in sorted(extra))
+        if not any(req <= roles for req in _REQUIRED.get(m.family, ({"?"},))):
+            problems.append(f"{name} (incomplete {m.family}: has {', '.join(sorted(roles))})")
+        if m.family == "lokr" and not ({"lokr_w2"} <= roles or {"lokr_w2_a", "lokr_w2_b"} <= roles):
+            problems.append(f"{name} (incomplete lokr: no lokr_w2)")
+    if problems:
+        raise MappingError(
+            f"{path}: {len(problems)} keys do not fit their module's family: {listing(problems, 4)}",
+            hint="the file mixes adapter families in one module or is truncated",
+        )
 
 
 def _alpha_tensor(module: AdapterModule, alpha: float, k: int, dtype: str) -> torch.Tensor:
