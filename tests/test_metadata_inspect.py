@@ -8,6 +8,8 @@ import struct
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loratool.metadata import (
     addnet_hash,
@@ -156,3 +158,31 @@ def test_dataset_config_subsets_give_triggers_and_skip_regularisation():
     assert [(f.folder, f.identifier, f.class_name, f.repeats) for f in t.folders] == [("char", "ohwx", "woman", 4)]
     assert t.images == 8  # the regularisation folder is not counted
     assert [(x.tag, x.share) for x in t.tags] == [("ohwx", 1.0), ("smile", 0.25)]
+
+
+_tag = st.text(alphabet="abcdefghij_ ", min_size=1, max_size=6).filter(lambda t: t.strip() == t and t)
+_freq = st.dictionaries(st.sampled_from(["1_a", "2_b c", "x"]), st.dictionaries(_tag, st.integers(1, 50), min_size=1), min_size=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_freq)
+def test_rank_tags_properties(freq):
+    tags, n = rank_tags(freq)
+    # counts are conserved, each tag once, ranked by share (then name)
+    assert sum(t.count for t in tags) == sum(sum(d.values()) for d in freq.values())
+    assert len({t.tag for t in tags}) == len(tags)
+    assert [(-t.count, t.tag) for t in tags] == sorted((-t.count, t.tag) for t in tags)
+    assert n == sum(max(d.values()) for d in freq.values())
+    assert all(t.share == round(t.count / n, 4) for t in tags)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 999),
+    st.from_regex(r"[a-z0-9]{1,8}", fullmatch=True),
+    st.from_regex(r"([a-z]{1,6}( [a-z]{1,6})?)?", fullmatch=True),
+)
+def test_dreambooth_folder_round_trip(repeats, identifier, cls):
+    name = f"{repeats}_{identifier}" + (f" {cls}" if cls else "")
+    f = dreambooth_folder(name)
+    assert (f.repeats, f.identifier, f.class_name) == (repeats, identifier, cls)
