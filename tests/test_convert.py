@@ -170,6 +170,16 @@ def test_kohya_roundtrip_preserves_delta(fixtures, tmp_path, fixture, arch, via)
     assert all(torch.equal(a.get(k), b.get(k)) for k in a.keys() if k.endswith((".alpha", "lora_down.weight")))
 
 
+def test_alpha_survives_peft_to_diffusers_to_kohya(fixtures, tmp_path):
+    src = fixtures / "sd15-lora-kohya.safetensors"  # alpha 2, rank 4
+    assert run("convert", src, tmp_path / "p.safetensors", "--to", "peft") == 0
+    assert run("convert", tmp_path / "p.safetensors", tmp_path / "d.safetensors", "--to", "diffusers") == 0
+    assert run("convert", tmp_path / "d.safetensors", tmp_path / "k.safetensors", "--to", "kohya") == 0
+    a, b = tensors_of(src), tensors_of(tmp_path / "k.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(".alpha"))
+
+
 def test_peft_names_match_the_reference_tables(fixtures, tmp_path):
     src = fixtures / "sd15-lora-kohya.safetensors"
     for naming in ("peft", "diffusers"):

@@ -840,9 +840,10 @@ def _convert_adapter(
     metadata = {k: v for k, v in source.metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash", PEFT_ALPHA_KEY)}
     if naming_out != "kohya":
         metadata.setdefault("format", "pt")
-        ranks = {loaded.modules[m.name].target.peft_module: m.rank_out for m in results}
-        if naming_in == "kohya" or any(alphas_out[m] != ranks[m] for m in alphas_out):
+        if naming_in == "kohya":
             metadata[PEFT_ALPHA_KEY] = json.dumps(alphas_out, sort_keys=True)
+        elif PEFT_ALPHA_KEY in source.metadata:
+            metadata[PEFT_ALPHA_KEY] = source.metadata[PEFT_ALPHA_KEY]  # PEFT ↔ diffusers: the fold is unchanged
     elif container_of(out) == "safetensors" and ("sshs_model_hash" in source.metadata or naming_in != "kohya"):
         from ..metadata import with_hashes
 
