@@ -30,6 +30,7 @@ from . import dtypes
 from .adapters import lora_delta
 from .data import (
     Item,
+    Subset,
     choose_bucket,
     dataset_dirs,
     expand,
@@ -294,8 +295,10 @@ def evaluation_loss(model: StableDiffusion, samples: list[_Sample], device: torc
     return total / count
 
 
-def _kohya_metadata(opts: TrainOptions, subsets, reg_subsets, resolution: int, buckets: dict[str, int], steps: int,
-                    epochs: int, batches_per_epoch: int, started: float, num_images: int, num_reg: int) -> dict[str, str]:
+def _kohya_metadata(
+    opts: TrainOptions, subsets: list[Subset], reg_subsets: list[Subset], resolution: int, buckets: dict[str, int],
+    steps: int, epochs: int, batches_per_epoch: int, started: float, num_images: int, num_reg: int,
+) -> dict[str, str]:
     network_args = {"conv_dim": str(opts.conv_rank), "conv_alpha": str(opts.conv_alpha or opts.conv_rank)} \
         if opts.conv_rank else None
     meta = {
@@ -391,7 +394,10 @@ def train(opts: TrainOptions, on_step: Callable[[int, int, float], None] | None 
         return _train(model, opts, device, subsets, reg_subsets, items, started, on_step)
 
 
-def _train(model, opts, device, subsets, reg_subsets, items, started, on_step) -> TrainResult:
+def _train(
+    model: StableDiffusion, opts: TrainOptions, device: torch.device, subsets: list[Subset], reg_subsets: list[Subset],
+    items: list[Item], started: float, on_step: Callable[[int, int, float], None] | None,
+) -> TrainResult:
     resolution = opts.resolution or default_resolution(model)
     samples = _prepare(model, items, opts, resolution, device)
     buckets: dict[str, int] = {}

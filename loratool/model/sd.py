@@ -143,6 +143,8 @@ def load_model(
 ) -> StableDiffusion:
     """Build the network from a single-file SD1 checkpoint; tensors are read one at a time.
 
+    Float weights become ``dtype`` (float32 by default, whatever the file stores).
+
     Raises:
         FormatError: a weight the network needs is missing or has another shape.
     """
@@ -163,9 +165,8 @@ def load_model(
             if tuple(specs[name].shape) != tuple(t.shape):
                 raise FormatError(f"{path}: {name} has shape {tuple(specs[name].shape)}, expected {tuple(t.shape)}",
                                   hint="the checkpoint's shapes are not consistent with SD1")
-            value = src.get(name)
-            t.data.copy_(value.to(device=device, dtype=t.dtype if not t.dtype.is_floating_point else dtype))
-        return model
+            t.data.copy_(src.get(name).to(device=device, dtype=t.dtype))
+        return model if dtype == torch.float32 else model.to(dtype)
     finally:
         src.close()
 
