@@ -178,3 +178,16 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path, capsys):
     out = tmp_path / "x.safetensors"
     assert main(["train", "--data", str(DATA / "img"), "-o", str(out), "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err and not out.exists()
+
+
+def test_every_kohya_target_exists_at_real_sd15_size():
+    from loratool.layouts import checkpoint_layout
+    from loratool.model import build_model, infer_config
+
+    model = build_model(infer_config(checkpoint_layout("sd1", "ldm")), "meta", init=False)
+    mods = inject_lora(model, rank=8, alpha=8, conv_rank=4)
+    targets = kohya_modules("sd1")
+    assert set(mods) == set(targets)
+    for name, m in mods.items():
+        assert tuple(m.base.weight.shape) == targets[name].shape, name
+        assert tuple(m.delta().shape) == targets[name].shape, name
