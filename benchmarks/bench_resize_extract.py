@@ -7,8 +7,9 @@ resident pages of memory-mapped inputs) and peak anonymous RSS (``RssAnon`` samp
 
 Baselines are the naive way: form the dense ΔW (``up @ down`` for resize, ``tuned − base`` for extract)
 and run a full ``torch.linalg.svd``. Dense SVDs of every module would take far too long on a 2-core machine,
-so the baseline times one module per distinct ΔW shape (``--sample`` shapes, largest first; by default all
-shapes) and extrapolates: total = Σ over shapes of (modules with that shape × time of its sample).
+so the baseline times one module per distinct ΔW shape (or ``--sample`` shapes spread over the size order)
+and extrapolates: total = Σ over shapes of (modules with that shape × time of its sample); a shape not timed
+is estimated from the median time per m·n·min(m, n) of the timed ones.
 The extract baseline also gives the exact rank-32 Frobenius retention of the sampled modules, compared with
 what the randomized SVD kept for the same modules. Not part of the test suite.
 """
@@ -46,6 +47,27 @@ def _shape_groups(shapes: dict[str, tuple[int, int]]) -> dict[tuple[int, int], l
     return {s: groups[s] for s in sorted(groups, key=lambda s: -(s[0] * s[1]))}
 
 
+def _pick(groups: dict[tuple[int, int], list[str]], sample: int | None) -> list[tuple[int, int]]:
+    """``sample`` shapes spread evenly over the size order (largest and smallest included); all when None."""
+    shapes = list(groups)
+    if not sample or sample >= len(shapes):
+        return shapes
+    if sample == 1:
+        return shapes[:1]
+    idx = sorted({round(i * (len(shapes) - 1) / (sample - 1)) for i in range(sample)})
+    return [shapes[i] for i in idx]
+
+
+def _extrapolate(groups: dict[tuple[int, int], list[str]], timed: dict[tuple[int, int], float]) -> float:
+    """Σ modules × seconds; untimed shapes use the median seconds per m·n·min(m, n) of the timed ones."""
+    rates = sorted(sec / (m * n * min(m, n)) for (m, n), sec in timed.items())
+    rate = rates[len(rates) // 2]
+    total = 0.0
+    for (m, n), names in groups.items():
+        total += len(names) * timed.get((m, n), rate * m * n * min(m, n))
+    return total
+
+
 def _resize_dense(lora: str, sample: int | None) -> dict:
     import torch
 
@@ -56,8 +78,8 @@ def _resize_dense(lora: str, sample: int | None) -> dict:
         mods = load_adapter(src).modules
     flat = {n: (m.tensors["up"].shape[0], m.tensors["down"][0].numel()) for n, m in mods.items()}
     groups = _shape_groups(flat)
-    timed = list(groups)[: sample or len(groups)]
-    total, rows = 0.0, []
+    timed = _pick(groups, sample)
+    rows, secs = [], {}
     for shape in timed:
         m = mods[groups[shape][0]]
         t = {k: v.float() for k, v in m.tensors.items()}
@@ -66,7 +88,8 @@ def _resize_dense(lora: str, sample: int | None) -> dict:
         torch.linalg.svd(dense, full_matrices=False)
         dt = time.perf_counter() - start
         rows.append({"shape": list(shape), "modules": len(groups[shape]), "seconds": round(dt, 4)})
-        total += dt * len(groups[shape])
+        secs[shape] = dt
+    total = _extrapolate(groups, secs)
     return {"extrapolated_seconds": round(total, 2), "shapes_timed": len(timed), "shapes": len(groups), "rows": rows}
 
 
@@ -84,8 +107,8 @@ def _extract_dense(tuned: str, base: str, sample: int | None) -> dict:
         ts = t.target_shape
         flat[n] = (ts[0], int(torch.tensor(ts[1:]).prod()))
     groups = _shape_groups(flat)
-    timed = list(groups)[: sample or len(groups)]
-    total, rows = 0.0, []
+    timed = _pick(groups, sample)
+    rows, secs = [], {}
     with open_file(tuned) as ts, open_file(base) as bs:
         for shape in timed:
             t = targets[groups[shape][0]]
@@ -102,7 +125,8 @@ def _extract_dense(tuned: str, base: str, sample: int | None) -> dict:
                     "exact_retained": retention(s, RANK_OUT),
                 }
             )
-            total += dt * len(groups[shape])
+            secs[shape] = dt
+    total = _extrapolate(groups, secs)
     return {"extrapolated_seconds": round(total, 2), "shapes_timed": len(timed), "shapes": len(groups), "rows": rows}
 
 
@@ -174,7 +198,7 @@ def main() -> None:
     ap.add_argument("--child")
     ap.add_argument("--dir")
     ap.add_argument("--keep", help="work in this folder and keep the files")
-    ap.add_argument("--sample", type=int, help="time the dense baseline on the N largest distinct shapes only")
+    ap.add_argument("--sample", type=int, help="time the dense baseline on N distinct shapes only")
     ap.add_argument("--threads", type=int, help="torch threads per step (1 avoids OpenMP spin-waits on a busy machine)")
     args = ap.parse_args()
     if args.child:

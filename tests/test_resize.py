@@ -198,3 +198,13 @@ def test_peft_sd2_proj_becomes_kohya_1x1_conv(tmp_path):
     a, b = load(src), load(out)
     for n in a.modules:
         torch.testing.assert_close(flat_delta(b.modules[n]), flat_delta(a.modules[n]), atol=1e-6, rtol=1e-5)
+
+
+def test_diffusers_named_input(tmp_path):
+    src = save_tensors(tmp_path / "d.safetensors", make_lora("sd1", rank=3, naming="diffusers", seed=9, dtype="F32"))
+    out = tmp_path / "k.safetensors"
+    resize_lora(src, out, rank=3, dtype="F32")
+    a, b = load(src), load(out)
+    assert a.naming == "diffusers" and b.naming == "kohya" and b.unmapped == []
+    for n in a.modules:
+        torch.testing.assert_close(flat_delta(b.modules[n]), flat_delta(a.modules[n]), atol=1e-6, rtol=1e-5)

@@ -90,7 +90,7 @@ def lora_factors(module: AdapterModule) -> AdapterModule:
     if to_lora_factors is None:
         raise DetectionError(
             f"{module.target.name} is a {label} module; resize works on plain LoRA factors only",
-            hint="convert it first: loratool convert FILE --to lora -o FILE_lora.safetensors",
+            hint="convert it first: loratool convert FILE.safetensors FILE-lora.safetensors --to lora",
         )
     down, up, alpha, _ = to_lora_factors(module, rel_tol=1e-6)
     return AdapterModule(module.target, "lora", {"down": down, "up": up, "alpha": torch.tensor(alpha)})
