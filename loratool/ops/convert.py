@@ -838,6 +838,14 @@ def _convert_adapter(
             tensors[key] = t
         specs[key] = TensorSpec(tuple(t.shape), dtypes.name_of(t.dtype))
     metadata = {k: v for k, v in source.metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash", PEFT_ALPHA_KEY)}
+    fams = sorted(loaded.families)
+    if any(m.how == "svd" for m in results):
+        # the training record described the LyCORIS network; say what the file now holds
+        dim = max(m.rank_out for m in results)
+        metadata.pop("ss_network_args", None)
+        metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": str(dim), "ss_network_alpha": str(dim)})
+        metadata["loratool.converted_from"] = ",".join(fams)
+        notes.append(f"ss_network_module/_dim/_alpha describe the plain LoRA now (max rank {dim}, alpha = rank per module)")
     if naming_out != "kohya":
         metadata.setdefault("format", "pt")
         if naming_in == "kohya":
@@ -848,7 +856,6 @@ def _convert_adapter(
         from ..metadata import with_hashes
 
         metadata = with_hashes(tensors, metadata)
-    fams = sorted(loaded.families)
     if naming_in != naming_out:
         notes.append(f"renamed {len(results)} modules {naming_in} → {naming_out}")
     if naming_out != "kohya":
