@@ -1,32 +1,40 @@
-"""The one table between safetensors dtype names and torch dtypes."""
+"""The one table between safetensors dtype names and torch dtypes.
+
+torch is imported only when a torch dtype is asked for, so header-only work (``inspect`` of a
+checkpoint) never pays for importing torch.
+"""
 
 from __future__ import annotations
 
-import torch
+from functools import cache
+from typing import TYPE_CHECKING
 
 from .errors import LoratoolError
 
-# Names as they appear in a safetensors header.
-TORCH_BY_NAME: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:
+    import torch
+
+# Names as they appear in a safetensors header → (torch attribute, bytes per element).
+_TABLE: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    # types newer torch builds know; safetensors headers may name them too
+    "U16": ("uint16", 2),
+    "U32": ("uint32", 4),
+    "U64": ("uint64", 8),
+    "F8_E8M0": ("float8_e8m0fnu", 1),
+    "C64": ("complex64", 8),
 }
-# Types newer torch builds know; safetensors headers may name them too.
-_EXTRA = (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E8M0", "float8_e8m0fnu"), ("C64", "complex64"))
-for _name, _attr in _EXTRA:
-    if hasattr(torch, _attr):
-        TORCH_BY_NAME[_name] = getattr(torch, _attr)
-NAME_BY_TORCH: dict[torch.dtype, str] = {v: k for k, v in TORCH_BY_NAME.items()}
 FLOAT_NAMES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 # What users type on the command line.
@@ -45,29 +53,56 @@ CLI_NAMES: dict[str, str] = {
 }
 
 
+@cache
+def _torch_tables() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    import torch
+
+    by_name = {n: getattr(torch, attr) for n, (attr, _) in _TABLE.items() if hasattr(torch, attr)}
+    return by_name, {v: k for k, v in by_name.items()}
+
+
+def __getattr__(name: str):
+    if name == "TORCH_BY_NAME":
+        return _torch_tables()[0]
+    if name == "NAME_BY_TORCH":
+        return _torch_tables()[1]
+    raise AttributeError(name)
+
+
 def itemsize(name: str) -> int:
     """Bytes per element of a safetensors dtype name."""
-    return torch.empty((), dtype=TORCH_BY_NAME[name]).element_size()
+    try:
+        return _TABLE[name][1]
+    except KeyError:
+        raise LoratoolError(f"unknown dtype {name!r}", hint=f"one of {', '.join(_TABLE)}") from None
 
 
 def to_torch(name: str) -> torch.dtype:
     try:
-        return TORCH_BY_NAME[name]
+        return _torch_tables()[0][name]
     except KeyError:
-        raise LoratoolError(f"unknown dtype {name!r}", hint=f"one of {', '.join(TORCH_BY_NAME)}") from None
+        raise LoratoolError(f"unknown dtype {name!r}", hint=f"one of {', '.join(_TABLE)}") from None
 
 
 def name_of(dtype: torch.dtype) -> str:
     try:
-        return NAME_BY_TORCH[dtype]
+        return _torch_tables()[1][dtype]
     except KeyError:
         raise LoratoolError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def name_of_attr(attr: str) -> str | None:
+    """``"float16"`` → ``"F16"`` (torch attribute name to safetensors name), without importing torch."""
+    for n, (a, _) in _TABLE.items():
+        if a == attr:
+            return n
+    return None
 
 
 def parse_cli(text: str) -> str:
     """``fp16`` / ``bf16`` / ``F16`` ... → safetensors name; raises with the valid choices."""
     key = text.strip()
-    if key in TORCH_BY_NAME:
+    if key in _TABLE:
         return key
     if key.lower() in CLI_NAMES:
         return CLI_NAMES[key.lower()]

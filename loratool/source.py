@@ -18,12 +18,13 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import dtypes
 from .errors import FormatError, LoratoolError, UnsafePickleError, listing
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,10 @@ class SafetensorsSource(_SourceBase):
                 hint="the file is truncated or not safetensors; download it again",
             )
         self.header_size = n
+        self._pt = None
         try:
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            # The numpy view reads the header without importing torch; tensors come from a torch view.
+            self._handle = safe_open(str(self.path), framework="numpy")
         except Exception as exc:  # safetensors raises SafetensorError / OSError with a message
             raise FormatError(
                 f"{self.path}: not a valid safetensors file ({_first_line(exc)})",
@@ -147,10 +150,15 @@ class SafetensorsSource(_SourceBase):
 
     def get(self, key: str) -> torch.Tensor:
         self.spec(key)
-        return self._handle.get_tensor(key)
+        if self._pt is None:
+            from safetensors import safe_open
+
+            self._pt = safe_open(str(self.path), framework="pt", device="cpu")
+        return self._pt.get_tensor(key)
 
     def close(self) -> None:
         self._handle = None  # safe_open has no close(); dropping it unmaps the file
+        self._pt = None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -161,24 +169,32 @@ def _first_line(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------- pickle
 
 # Globals a torch checkpoint may name. Anything else is refused before it is called.
+# Storage classes → safetensors dtype names (torch itself is not needed to read the pickle).
 _STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64,
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
+    "DoubleStorage": "F64",
+    "FloatStorage": "F32",
+    "HalfStorage": "F16",
+    "BFloat16Storage": "BF16",
+    "LongStorage": "I64",
+    "IntStorage": "I32",
+    "ShortStorage": "I16",
+    "CharStorage": "I8",
+    "ByteStorage": "U8",
+    "BoolStorage": "BOOL",
 }
+
+
+@dataclass(frozen=True)
+class _DtypeName:
+    """A torch dtype named in a pickle (``torch.float16``), kept as its safetensors name."""
+
+    name: str
 
 
 @dataclass
 class _LazyStorage:
     record: str
-    dtype: torch.dtype
+    dtype: str  # safetensors name
     numel: int
 
 
@@ -188,10 +204,10 @@ class _LazyTensor:
     offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
-    dtype: torch.dtype | None = None  # set when the storage is untyped (bytes)
+    dtype: str | None = None  # set when the storage is untyped (bytes)
 
     @property
-    def element_dtype(self) -> torch.dtype:
+    def element_dtype(self) -> str:
         return self.dtype or self.storage.dtype
 
 
@@ -216,9 +232,9 @@ def _rebuild_tensor(storage, offset, size, stride, *args, **kwargs):
 
 def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, backward_hooks, dtype, *args, **kwargs):
     t = _rebuild_tensor(storage, offset, size, stride)
-    if not isinstance(dtype, torch.dtype):
+    if not isinstance(dtype, _DtypeName):
         raise UnsafePickleError("pickle rebuilds a tensor with an unknown dtype")
-    t.dtype = dtype
+    t.dtype = dtype.name
     return t
 
 
@@ -286,9 +302,9 @@ class _AllowListUnpickler(pickle.Unpickler):
         if module == "torch" and name in _STORAGE_DTYPES:
             return ("storage-type", _STORAGE_DTYPES[name])
         if module in ("torch", "torch.storage") and name == "UntypedStorage":
-            return ("storage-type", torch.uint8)
+            return ("storage-type", "U8")
         if module == "torch" and name in _TORCH_DTYPE_NAMES:
-            return getattr(torch, name)
+            return _DtypeName(dtypes.name_of_attr(name))
         if (module, name) in _INERT:
             return _inert_class(module, name)
         raise UnsafePickleError(
@@ -304,8 +320,8 @@ class _AllowListUnpickler(pickle.Unpickler):
         storage_type, key, _location, numel = pid[1], pid[2], pid[3], pid[4]
         if isinstance(storage_type, tuple) and storage_type[0] == "storage-type":
             dtype = storage_type[1]
-        elif isinstance(storage_type, torch.dtype):
-            dtype = storage_type
+        elif isinstance(storage_type, _DtypeName):
+            dtype = storage_type.name
         else:
             raise UnsafePickleError(f"{self._source_name}: unknown storage type in pickle")
         if self._records is not None and str(key) not in self._records:
@@ -381,7 +397,7 @@ class PickleSource(_SourceBase):
         _flatten(tensors, "", flat, other)
         self._lazy = flat
         self.extras = {**extras, **other}
-        self._specs = {k: TensorSpec(t.size, dtypes.name_of(t.element_dtype)) for k, t in flat.items()}
+        self._specs = {k: TensorSpec(t.size, t.element_dtype) for k, t in flat.items()}
         self.metadata = {}
 
     def get(self, key: str) -> torch.Tensor:
@@ -392,11 +408,13 @@ class PickleSource(_SourceBase):
             raw = self._zip.read(f"{self._root}data/{st.record}")
         except (KeyError, zipfile.BadZipFile, OSError, EOFError) as exc:
             raise FormatError(f"{self.path}: cannot read tensor {key} ({_first_line(exc)})", hint="file is corrupt") from None
-        nbytes = st.numel * torch.empty((), dtype=st.dtype).element_size()
+        import torch
+
+        nbytes = st.numel * dtypes.itemsize(st.dtype)
         if len(raw) < nbytes:
             raise FormatError(f"{self.path}: tensor {key} record is truncated", hint="download the file again")
-        dt = lt.element_dtype
-        count = nbytes // torch.empty((), dtype=dt).element_size()
+        dt = dtypes.to_torch(lt.element_dtype)
+        count = nbytes // dtypes.itemsize(lt.element_dtype)
         flat = torch.frombuffer(bytearray(raw[:nbytes]), dtype=dt) if count else torch.empty(0, dtype=dt)
         needed = lt.offset + sum((s - 1) * d for s, d in zip(lt.size, lt.stride)) + 1 if all(lt.size) else 0
         if needed > count:
