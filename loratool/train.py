@@ -146,6 +146,12 @@ def lora_tensors(modules: dict[str, LoRAModule], dtype: torch.dtype = torch.floa
     return dict(sorted(out.items()))
 
 
+def _now() -> float:
+    """Unix time for the ``ss_training_*_at`` fields; ``SOURCE_DATE_EPOCH`` (reproducible builds) fixes it."""
+    fixed = os.environ.get("SOURCE_DATE_EPOCH")
+    return float(fixed) if fixed else time.time()
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if device == "auto":
@@ -382,7 +388,7 @@ def train(opts: TrainOptions, on_step: Callable[[int, int, float], None] | None 
         raise LoratoolError(f"--save-dtype {opts.save_dtype}: unknown", hint="use fp16, bf16 or fp32")
     check_output(Path(opts.output), [opts.base, opts.data] + ([opts.reg_data] if opts.reg_data else []), opts.force)
     device = resolve_device(opts.device)
-    started = time.time()
+    started = _now()
     subsets = read_subsets(opts.data)
     reg_subsets = read_subsets(opts.reg_data, is_reg=True) if opts.reg_data else []
     items = expand(subsets) + expand(reg_subsets)
@@ -440,7 +446,7 @@ def _train(
     num_reg = sum(len(s.items) for s in reg_subsets)
     meta = _kohya_metadata(opts, subsets, reg_subsets, resolution, buckets, step, epoch, batches_per_epoch, started,
                            num_images, num_reg)
-    meta["ss_training_finished_at"] = str(time.time())
+    meta["ss_training_finished_at"] = str(_now())
     if opts.full:
         meta = {"loratool.trained": json.dumps({k: meta[k] for k in ("ss_steps", "ss_learning_rate", "ss_seed",
                                                                         "ss_sd_model_name", "ss_tag_frequency")})}
