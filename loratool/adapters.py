@@ -524,6 +524,13 @@ def apply_to_weight(
     ratio 1 gives W' exactly).
     """
     w = weight.float()
+    t = module.tensors
+    if module.family == "lora" and "mid" not in t and not module.is_dora and delta_fn is delta:
+        # same formula in one fused BLAS call, without a temporary ΔW: W + (ratio·scale·up) @ down
+        up = t["up"].float().reshape(t["up"].shape[0], -1) * (ratio * scale_of("lora", t))
+        down = t["down"].float().reshape(t["down"].shape[0], -1)
+        if up.shape[0] * down.shape[1] == w.numel():
+            return torch.addmm(w.reshape(up.shape[0], -1), up, down).reshape(w.shape)
     d = delta_fn(module, tuple(w.shape))
     if not module.is_dora:
         return torch.add(w, d, alpha=ratio)
