@@ -125,7 +125,7 @@ def extract_lora(
     dtype: str = "F16",
     force: bool = False,
     oversample: int = 10,
-    n_iter: int = 2,
+    n_iter: int = 4,
     seed: int = 0,
     on_start: Callable[[int], None] | None = None,
     on_module: Callable[[str], None] | None = None,

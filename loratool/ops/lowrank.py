@@ -55,7 +55,7 @@ def factored_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def randomized_svd(
-    a: torch.Tensor, rank: int, oversample: int = 10, n_iter: int = 2, seed: int = 0
+    a: torch.Tensor, rank: int, oversample: int = 10, n_iter: int = 4, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Approximate top-``rank`` SVD of ``a`` (m, n) by randomized range finding (Halko et al. 2011).
 
