@@ -208,3 +208,19 @@ def test_diffusers_named_input(tmp_path):
     assert a.naming == "diffusers" and b.naming == "kohya" and b.unmapped == []
     for n in a.modules:
         torch.testing.assert_close(flat_delta(b.modules[n]), flat_delta(a.modules[n]), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sd15-lokr", "sd15-loha-tucker", "sd15-locon-tucker"])
+def test_lycoris_fixtures_resize_without_loss_at_high_rank(fixtures, tmp_path, name):
+    src = fixtures / f"{name}.safetensors"
+    if not src.exists():
+        pytest.skip(f"{name} fixture not present")
+    out = tmp_path / "r.safetensors"
+    resize_lora(src, out, rank=64, dtype="F32")
+    a, b = load(src), load(out)
+    assert set(a.modules) == set(b.modules) and b.unmapped == []
+    for n, m in a.modules.items():
+        t = b.modules[n].tensors
+        shape = (t["up"].shape[0], *t["down"].shape[1:])
+        want = delta(m, shape).reshape(shape[0], -1)
+        torch.testing.assert_close(flat_delta(b.modules[n]), want, atol=1e-5, rtol=1e-4)
