@@ -211,7 +211,7 @@ def rule_text(rule: RankRule) -> str:
 
 
 def _metadata(meta_in, arch, stats, flats, rank, conv_rank, rule, path) -> dict[str, str]:
-    meta = dict(meta_in)
+    meta = {k: v for k, v in meta_in.items() if k != "modelspec.hash_sha256"}  # stale once the tensors change
     lin = [s for s in stats if s.kind != "conv3x3"]
     conv = [s for s in stats if s.kind == "conv3x3"]
     meta.setdefault("ss_network_module", "networks.lora")
