@@ -172,7 +172,7 @@ def extract_lora(
             w_t = _rows(tcache.get(_key(target, tm.naming)), target)
             w_b = _rows(bcache.get(_key(target, bm.naming)), target)
             d = w_t.to(dev, torch.float32) - w_b.to(dev, torch.float32)
-            kind = "conv3x3" if target.kind == "conv3x3" else target.kind
+            kind = target.kind
             kernel = tuple(d.shape[2:]) if d.dim() == 4 else ((1, 1) if kind != "linear" else ())
             d = d.reshape(d.shape[0], -1)
             if d.numel() == 0 or float(d.abs().max()) <= min_diff:

@@ -203,11 +203,7 @@ def resize_lora(
 
     meta = _metadata(loaded.metadata, loaded.arch, stats, flats, rank, conv_rank, rule, path)
     written = save_tensors(out, tensors, with_hashes(tensors, meta), inputs=[path], force=force)
-    return ResizeResult(written, loaded.arch, loaded.naming, rule_text(rule), tuple(stats))
-
-
-def rule_text(rule: RankRule) -> str:
-    return rule.text
+    return ResizeResult(written, loaded.arch, loaded.naming, rule.text, tuple(stats))
 
 
 def _metadata(meta_in, arch, stats, flats, rank, conv_rank, rule, path) -> dict[str, str]:
@@ -234,7 +230,7 @@ def _metadata(meta_in, arch, stats, flats, rank, conv_rank, rule, path) -> dict[
         "source": Path(path).name,
         "rank": rank,
         "conv_rank": conv_rank,
-        "rule": rule_text(rule),
+        "rule": rule.text,
         "average_retained": round(average_retained(stats), 6),
         "ranks_in": rank_uniform(s.rank_in for s in stats),
         "ranks_out": rank_uniform(s.rank for s in stats),
