@@ -433,3 +433,45 @@ def test_full_diff_with_bias(fixtures, tmp_path):
         bias = t.address.removesuffix("weight") + "bias"
         torch.testing.assert_close(merged[t.address].float(), (base[t.address].float() + 0.005 * (i + 1)).half().float())
         torch.testing.assert_close(merged[bias].float(), (base[bias].float() - 0.01).half().float())
+
+
+# ----------------------------------------------------------------------------- properties
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from loratool.adapters import AdapterModule, LoadedAdapter  # noqa: E402
+from loratool.ops.merge import merge_adapters  # noqa: E402
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 5), st.floats(0.25, 64), st.floats(-3, 3).filter(lambda x: abs(x) > 1e-3)),
+        min_size=1, max_size=3,
+    ),
+    st.sampled_from(["lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_unet_down_blocks_0_resnets_0_conv1"]),
+)  # fmt: skip
+def test_concat_property_any_ranks_alphas_ratios(parts, name):
+    import tempfile
+
+    target = kohya_modules("sd1")[name]
+    out_f, in_f = target.shape[0] // 64, target.shape[1] // 64
+    kernel = tuple(target.shape[2:])
+    adapters, want = [], 0
+    for i, (r, alpha, ratio) in enumerate(parts):
+        g = torch.Generator().manual_seed(i)
+        down = torch.randn(r, in_f, *kernel, generator=g, dtype=torch.float64)
+        up = torch.randn(out_f, r, *([1, 1] if kernel else []), generator=g, dtype=torch.float64)
+        m = AdapterModule(target, "lora", {"down": down, "up": up, "alpha": torch.tensor(alpha)})
+        adapters.append((LoadedAdapter("sd1", "kohya", {name: m}, [], [], {}, f"p{i}"), ratio))
+        want = want + ratio * (alpha / r) * (up.reshape(out_f, r) @ down.reshape(r, -1))
+    with tempfile.TemporaryDirectory() as d:
+        report = merge_adapters(adapters, f"{d}/o.safetensors", dtype="fp64")
+        got = load_file(f"{d}/o.safetensors")
+    r_out = sum(p[0] for p in parts)
+    assert report.modules[0].rank == r_out and float(got[f"{name}.alpha"]) == r_out
+    up, down = got[f"{name}.lora_up.weight"], got[f"{name}.lora_down.weight"]
+    # computed in float32 (as every merge is), stored in float64
+    got_delta = up.reshape(out_f, r_out) @ down.reshape(r_out, -1)
+    assert float((got_delta - want).norm() / want.norm()) < 1e-6
