@@ -200,3 +200,16 @@ def test_cli_extract_json(sd1_pair, tmp_path, capsys):
     expected = {n for n in planted if kohya_modules("sd1")[n].kind != "conv3x3"}
     assert {m["name"] for m in report["modules"]} == expected
     assert report["average_retained"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_all_layers_covers_the_kohya_network_and_loads_back(sd1_pair, tmp_path):
+    from loratool.layouts.naming import all_modules
+
+    base, tuned, _ = sd1_pair
+    out = tmp_path / "all.safetensors"
+    plain = extract_lora(tuned, base, tmp_path / "plain.safetensors", rank=1, exact=True, min_diff=-1.0)
+    wide = extract_lora(tuned, base, out, rank=1, exact=True, all_layers=True, min_diff=-1.0)
+    names = {m.name for m in wide.modules}
+    assert {m.name for m in plain.modules} <= names <= set(all_modules("sd1"))
+    with open_file(out) as src:
+        assert load_adapter(src).unmapped == []
