@@ -475,3 +475,16 @@ def test_concat_property_any_ranks_alphas_ratios(parts, name):
     # computed in float32 (as every merge is), stored in float64
     got_delta = up.reshape(out_f, r_out) @ down.reshape(r_out, -1)
     assert float((got_delta - want).norm() / want.norm()) < 1e-6
+
+
+def test_sdxl_12_slot_block_weights(fixtures, tmp_path):
+    base = load_file(fixtures / "sdxl-tiny.safetensors")
+    out = tmp_path / "xl.safetensors"
+    # BASE, IN04, IN05, IN07, IN08, M00 on; OUT00..OUT05 off
+    assert main(["merge", str(fixtures / "sdxl-tiny.safetensors"), str(fixtures / "sdxl-lora-kohya.safetensors"),
+                 "-o", str(out), "--lbw", "1,1,1,1,1,1,0,0,0,0,0,0"]) == 0  # fmt: skip
+    merged = load_file(out)
+    changed = {k for k in base if raw(merged[k]) != raw(base[k])}
+    assert not any(".output_blocks." in k for k in changed)
+    assert any(".input_blocks.4." in k for k in changed) and any(".middle_block." in k for k in changed)
+    assert any(k.startswith("conditioner.embedders.1.") for k in changed)  # BASE covers both text encoders
