@@ -385,28 +385,8 @@ def _factors(module: AdapterModule, path: str) -> tuple[torch.Tensor, torch.Tens
         )
     from .convert import to_lora_factors
 
-    try:
-        down, up, alpha, _ = to_lora_factors(module, rel_tol=CONVERT_REL_TOL)
-    except RuntimeError:
-        # fallback (seen with some LoKr factor layouts in to_lora_factors): SVD of the dense scaled ΔW
-        down, up = _dense_factors(module)
-        alpha = float(down.shape[0])
+    down, up, alpha, _ = to_lora_factors(module, rel_tol=CONVERT_REL_TOL)
     return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), tuple(down.shape[1:]), alpha / down.shape[0], True
-
-
-def _dense_factors(module: AdapterModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down, up) with ``up @ down`` = the module's scaled ΔW, truncated at relative error ≤ CONVERT_REL_TOL."""
-    from .convert import module_shape
-
-    shape = module_shape(module)
-    d = delta(module, shape).reshape(shape[0], -1)
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    energy = s.double().square()
-    tail = energy.flip(0).cumsum(0).flip(0)  # tail[j] = Σ_{i≥j} s_i²
-    total = float(tail[0]) if tail.numel() else 0.0
-    k = next((j for j in range(1, s.numel() + 1) if j == s.numel() or float(tail[j]) <= total * CONVERT_REL_TOL**2), 1)
-    root = s[:k].sqrt()
-    return (root[:, None] * vh[:k]).reshape(k, *shape[1:]), u[:, :k] * root
 
 
 def merge_adapters(
