@@ -31,14 +31,22 @@ def command(base, loras, out, force, device, dtype, te_ratio, unet_ratio, lbw, d
     """
     from ..adapters import load_adapter
     from ..blockweights import parse_block_weights
-    from ..errors import LoratoolError
+    from ..detect import detect_checkpoint
+    from ..errors import DetectionError, LoratoolError
     from ..ops import merge as ops
     from ..render import merge as render
     from ..source import open_file
 
+    fallback_arch = None  # the base checkpoint's arch, for adapters whose own keys cannot decide
+
     def adapter(arg: str):
         path, ratio = ops.parse_adapter_arg(arg, lora_dir)
-        return load_adapter(open_file(path), arch=arch, allow_unmapped=True), ratio
+        try:
+            return load_adapter(open_file(path), arch=arch, allow_unmapped=True), ratio
+        except DetectionError:
+            if arch or not fallback_arch:
+                raise
+            return load_adapter(open_file(path), arch=fallback_arch, allow_unmapped=True), ratio
 
     source = open_file(ops.parse_adapter_arg(base, lora_dir)[0])
     if into_lora or ops.looks_like_adapter(source.keys()):
@@ -56,6 +64,7 @@ def command(base, loras, out, force, device, dtype, te_ratio, unet_ratio, lbw, d
         raise LoratoolError("no LoRA to merge", hint="loratool merge BASE LORA[:RATIO]... -o OUT")
     if not out and not dry_run:
         raise LoratoolError("missing -o/--out", hint="name the output checkpoint, or use --dry-run")
+    fallback_arch = detect_checkpoint(source.specs(), arch).arch
     adapters = [adapter(a) for a in loras]
     block_weights = parse_block_weights(lbw, adapters[0][0].arch) if lbw else None
     with render.progress_callback("merging", not (as_json or dry_run)) as cb:

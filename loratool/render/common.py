@@ -23,8 +23,8 @@ from ..errors import LoratoolError
 
 T = TypeVar("T")
 
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False, soft_wrap=True, emoji=False)
+stderr = Console(stderr=True, highlight=False, emoji=False)
 
 
 def print_error(exc: LoratoolError) -> None:
