@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .errors import DetectionError, MappingError, listing
 from .layouts import ARCHES, ModuleTarget, shrink_shape
@@ -401,6 +403,7 @@ def scale_of(family: str, t: Mapping[str, torch.Tensor]) -> float:
 
 def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Rebuild ``W[p, r, ...] = Σ_ij core[i, j, ...] · a[i, p] · b[j, r]`` (LyCORIS Tucker form)."""
+    import torch
     return torch.einsum("ij...,ip,jr->pr...", core, a, b)
 
 
@@ -411,6 +414,7 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None = 
     ``ΔW[o,i,:,:] = Σ_r up[o,r]·down[r,i,:,:]``. Tucker (``mid`` (r,r,kh,kw), down (r,in,1,1),
     up (out,r,1,1)): ``ΔW[o,i,:,:] = Σ_ab up[o,a]·mid[a,b,:,:]·down[b,i]``.
     """
+    import torch
     if mid is not None:
         u = up.reshape(up.shape[0], -1)
         d = down.reshape(down.shape[0], -1)
@@ -442,6 +446,7 @@ def lokr_delta(t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.T
     w1 = lokr_w1 or lokr_w1_a @ lokr_w1_b; w2 = lokr_w2, lokr_w2_a @ lokr_w2_b (reshaped to
     (b, d, kh, kw) for convs), or with ``lokr_t2`` the Tucker rebuild.
     """
+    import torch
     w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
     if "lokr_w2" in t:
         w2 = t["lokr_w2"]
@@ -523,6 +528,7 @@ def apply_to_weight(
     ``ratio`` blends the decomposed weight in: ``W + ratio·(W' − W)`` (ComfyUI's strength rule;
     ratio 1 gives W' exactly).
     """
+    import torch
     w = weight.float()
     t = module.tensors
     if module.family == "lora" and "mid" not in t and not module.is_dora and delta_fn is delta:

@@ -15,8 +15,10 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    pass
 
 from . import dtypes
 from .adapters import AdapterIndex, AdapterModule, delta, rank_of, scale_of, shrink_factor
@@ -358,6 +360,7 @@ def block_of(component: str, address: str) -> str:
 
 
 def _stats(source, specs, det: FileDetection, index: AdapterIndex | None, progress) -> Stats:
+    import torch
     nonfinite = []
     tick = progress or (lambda n: None)
     for k, s in specs.items():

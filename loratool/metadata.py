@@ -10,8 +10,10 @@ import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _LEGACY_OFFSET = 0x100000
 _LEGACY_LENGTH = 0x10000
