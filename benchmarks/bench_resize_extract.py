@@ -19,24 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import measured  # noqa: E402
+
 RANK_IN, RANK_OUT = 128, 32
-
-
-def _rss_anon_kib() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    return 0
 
 
 def _shape_groups(shapes: dict[str, tuple[int, int]]) -> dict[tuple[int, int], list[str]]:
@@ -131,23 +125,18 @@ def _extract_dense(tuned: str, base: str, sample: int | None) -> dict:
 
 
 def _child(step: str, d: str, sample: int | None, threads: int | None) -> None:
-    peak = {"anon": 0}
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            peak["anon"] = max(peak["anon"], _rss_anon_kib())
-            time.sleep(0.005)
-
     import torch  # (import cost outside the timed region)
 
     if threads:
         torch.set_num_threads(threads)
+    with measured() as m:
+        extra = _step(step, Path(d), sample)
+    print(json.dumps({"step": step, "seconds": round(m["seconds"], 2), "peak_rss_mib": int(m["maxrss_mib"]),
+                      "peak_anon_mib": int(m["anon_mib"]), **extra}))
 
-    threading.Thread(target=watch, daemon=True).start()
-    start = time.perf_counter()
+
+def _step(step: str, p: Path, sample: int | None) -> dict:
     extra: dict = {}
-    p = Path(d)
     if step == "setup" and (p / "tuned.safetensors").exists():
         extra = {"note": "files kept from an earlier run (--keep)"}
     elif step == "setup":
@@ -176,11 +165,7 @@ def _child(step: str, d: str, sample: int | None, threads: int | None) -> None:
         }
     elif step == "extract_dense":
         extra = _extract_dense(str(p / "tuned.safetensors"), str(p / "base.safetensors"), sample)
-    wall = time.perf_counter() - start
-    stop.set()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"step": step, "seconds": round(wall, 2), "peak_rss_mib": rss // 1024,
-                      "peak_anon_mib": peak["anon"] // 1024, **extra}))
+    return extra
 
 
 def _run(step: str, d: Path, sample: int | None, threads: int | None) -> dict:

@@ -1,0 +1,74 @@
+"""Measurement helpers shared by the benchmark scripts: each measured step runs in its own process.
+
+Reported per step: wall seconds, peak RSS (``ru_maxrss``: includes resident pages of memory-mapped
+inputs, which the kernel can drop) and peak anonymous RSS (``RssAnon`` sampled every 5 ms: the
+memory the process itself allocated — the number that bounds what a merge needs).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+def rss_anon_kib() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    return 0
+
+
+@contextmanager
+def measured() -> Iterator[dict]:
+    """Time the block and sample peak anonymous RSS; the yielded dict is filled on exit."""
+    result: dict = {}
+    peak = {"anon": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak["anon"] = max(peak["anon"], rss_anon_kib())
+            time.sleep(0.005)
+
+    threading.Thread(target=sample, daemon=True).start()
+    start = time.perf_counter()
+    try:
+        yield result
+    finally:
+        result["seconds"] = time.perf_counter() - start
+        stop.set()
+        result["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["anon_mib"] = max(peak["anon"], rss_anon_kib()) / 1024
+
+
+def child_main(steps: dict[str, Callable[..., object]], argv: list[str]) -> None:
+    """Run ``steps[argv[0]](*argv[1:])`` measured, and print the measurement as the last stdout line."""
+    import torch  # noqa: F401  (import cost outside the timed region, for every step alike)
+
+    with measured() as result:
+        extra = steps[argv[0]](*argv[1:])
+    if isinstance(extra, dict):
+        result.update(extra)
+    print(json.dumps(result))
+
+
+def run_child(script: str, *args: str) -> dict:
+    """Run ``python script --child args...`` and return its measurement."""
+    proc = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args[0]} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def warm(path: str) -> None:
+    """Read a file once so every measured step starts from the same (warm) page cache."""
+    with open(path, "rb") as fh:
+        while fh.read(1 << 24):
+            pass
