@@ -27,15 +27,6 @@ from loratool.ops.lowrank import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one torch thread avoids OpenMP spin-waits on a busy 2-core machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @settings(max_examples=25, deadline=None)
 @given(out=st.integers(1, 24), inp=st.integers(1, 24), r=st.integers(1, 8), seed=st.integers(0, 10_000))
 def test_factored_svd_equals_dense_svd(out, inp, r, seed):

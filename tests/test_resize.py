@@ -19,15 +19,6 @@ from loratool.synth import make_lora
 from loratool.writer import save_tensors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one torch thread avoids OpenMP spin-waits on a busy 2-core machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def flat_delta(module) -> torch.Tensor:
     """Scaled ΔW of a (possibly shrunken) module, flattened to (out, in·kh·kw)."""
     t = module.tensors

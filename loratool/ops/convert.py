@@ -33,6 +33,7 @@ import torch
 from .. import dtypes
 from ..adapters import AdapterModule, lora_delta, rank_of, scale_of, split_key
 from ..errors import LoratoolError, MappingError, OutputError, listing
+from ..layouts.checkpoint import SCHEDULE_BUFFERS
 from ..source import PICKLE_SUFFIXES, TensorSpec
 from ..writer import SafetensorsWriter, check_output
 from .lowrank import factored_svd
@@ -41,20 +42,6 @@ from .lowrank import factored_svd
 
 # Keys whose dtype a cast leaves alone: the LDM DDPM schedule buffers and the EMA decay are
 # float32 in every release (kohya's merge carries them over unchanged); 1000 values, 48 KB.
-SCHEDULE_BUFFERS = (
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "betas",
-    "log_one_minus_alphas_cumprod",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-    "posterior_variance",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-)
 KEEP_DTYPE_KEYS = frozenset(SCHEDULE_BUFFERS) | {"model_ema.decay"}
 
 
