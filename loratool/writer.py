@@ -12,7 +12,6 @@ the target only when complete; any exception removes the temporary file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -63,7 +62,110 @@ def _order(specs: Mapping[str, TensorSpec]) -> list[str]:
     return sorted(specs, key=lambda k: (-_SAFETENSORS_DTYPE_RANK[specs[k].dtype], k))
 
 
-class SafetensorsWriter:
+class StreamingOutput:
+    """What every streaming writer shares: output checks, the temp file, per-tensor checks, cleanup.
+
+    Subclasses open ``self._tmp``, implement ``_store(key, tensor)`` and ``_commit()`` (write the
+    trailer/header and close), and ``_close_handle()``. ``finalize`` renames the temp file into place;
+    any exception (also in a ``with`` block) removes it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: Mapping[str, TensorSpec],
+        metadata: Mapping[str, str] | None = None,
+        inputs: Iterable[str | os.PathLike] = (),
+        force: bool = False,
+    ):
+        self.path = check_output(Path(path), inputs, force)
+        self.specs = dict(specs)
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self._written: set[str] = set()
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._done = False
+
+    def _fail(self, exc: OSError) -> OutputError:
+        self._abort()
+        return OutputError(f"writing {self.path} failed: {exc.strerror}", hint="free disk space and retry")
+
+    def _prepare(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Check a planned tensor and return it flat, contiguous, on the CPU, in the planned dtype."""
+        if key not in self.specs:
+            raise LoratoolError(f"internal: tensor {key!r} was not planned for {self.path}")
+        if key in self._written:
+            raise LoratoolError(f"internal: tensor {key!r} written twice to {self.path}")
+        spec = self.specs[key]
+        if tuple(tensor.shape) != spec.shape:
+            raise LoratoolError(f"internal: tensor {key!r} has shape {tuple(tensor.shape)}, planned {spec.shape}")
+        t = tensor.detach()
+        want = dtypes.to_torch(spec.dtype)
+        if t.dtype != want:
+            t = t.to(want)
+        return t.to("cpu").contiguous().reshape(-1)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor; it is cast to the planned dtype, and its shape must match."""
+        t = self._prepare(key, tensor)
+        try:
+            self._store(key, t)
+        except OSError as exc:
+            raise self._fail(exc) from None
+        self._written.add(key)
+
+    def finalize(self, metadata: Mapping[str, str] | None = None) -> Path:
+        """Finish the file (with ``metadata`` if given), flush it to disk and rename it into place."""
+        missing = [k for k in self.specs if k not in self._written]
+        if missing:
+            self._abort()
+            raise LoratoolError(f"internal: {len(missing)} planned tensors never written, e.g. {missing[0]}")
+        if metadata is not None:
+            self.metadata = {str(k): str(v) for k, v in metadata.items()}
+        try:
+            self._commit()
+            with open(self._tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
+            raise self._fail(exc) from None
+        self._done = True
+        return self.path
+
+    def _store(self, key: str, flat: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _commit(self) -> None:
+        raise NotImplementedError
+
+    def _close_handle(self) -> None:
+        raise NotImplementedError
+
+    def _abort(self) -> None:
+        try:
+            self._close_handle()
+        except Exception:  # noqa: BLE001 - closing a half-written file may fail any way; it is deleted next
+            pass
+        try:
+            self._tmp.unlink()
+        except OSError:
+            pass
+        self._done = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._abort()
+        elif not self._done:
+            self.finalize()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_done", True):
+            self._abort()
+
+
+class SafetensorsWriter(StreamingOutput):
     """Write a safetensors file tensor by tensor.
 
     Args:
@@ -86,9 +188,7 @@ class SafetensorsWriter:
         inputs: Iterable[str | os.PathLike] = (),
         force: bool = False,
     ):
-        self.path = check_output(Path(path), inputs, force)
-        self.specs = dict(specs)
-        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        super().__init__(path, specs, metadata, inputs, force)
         self._order = _order(self.specs)
         self._offsets: dict[str, tuple[int, int]] = {}
         pos = 0
@@ -97,19 +197,14 @@ class SafetensorsWriter:
             self._offsets[k] = (pos, pos + n)
             pos += n
         self._data_size = pos
-        self._written: set[str] = set()
-        self._hasher_order_ok = True
         first = self._header_bytes(self.metadata)
         self._reserved = len(first) + max(_RESERVE_EXTRA, len(first) // 8)
         self._reserved += (-(8 + self._reserved)) % 8
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self._fh = open(self._tmp, "w+b")
         try:
             self._fh.truncate(8 + self._reserved + self._data_size)
         except OSError as exc:
-            self._abort()
-            raise OutputError(f"cannot create {self.path}: {exc.strerror}", hint="free disk space") from None
-        self._done = False
+            raise self._fail(exc) from None
 
     def _header_bytes(self, metadata: Mapping[str, str]) -> bytes:
         header: dict[str, object] = {}
@@ -124,71 +219,22 @@ class SafetensorsWriter:
     def data_start(self) -> int:
         return 8 + self._reserved
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        """Write one planned tensor; it is cast to the planned dtype, and its shape must match."""
-        if key not in self.specs:
-            raise LoratoolError(f"internal: tensor {key!r} was not planned for {self.path}")
-        if key in self._written:
-            raise LoratoolError(f"internal: tensor {key!r} written twice to {self.path}")
-        spec = self.specs[key]
-        if tuple(tensor.shape) != spec.shape:
-            raise LoratoolError(f"internal: tensor {key!r} has shape {tuple(tensor.shape)}, planned {spec.shape}")
-        t = tensor.detach()
-        want = dtypes.to_torch(spec.dtype)
-        if t.dtype != want:
-            t = t.to(want)
-        t = t.to("cpu").contiguous()
+    def _store(self, key: str, flat: torch.Tensor) -> None:
         start, end = self._offsets[key]
         if end > start:
-            buf = t.reshape(-1).view(torch.uint8).numpy()
-            try:
-                self._fh.seek(self.data_start + start)
-                self._fh.write(memoryview(buf))
-            except OSError as exc:
-                self._abort()
-                raise OutputError(f"writing {self.path} failed: {exc.strerror}", hint="free disk space and retry") from None
-        self._written.add(key)
+            self._fh.seek(self.data_start + start)
+            self._fh.write(memoryview(flat.view(torch.uint8).numpy()))
 
-    def data_sha256(self) -> str:
-        """sha256 of the tensor data region (kohya's ``sshs_model_hash``), read back from the temp file."""
-        self._fh.flush()
-        h = hashlib.sha256()
-        self._fh.seek(self.data_start)
-        remaining = self._data_size
-        while remaining:
-            chunk = self._fh.read(min(remaining, 1 << 24))
-            if not chunk:
-                break
-            h.update(chunk)
-            remaining -= len(chunk)
-        return h.hexdigest()
-
-    def finalize(self, metadata: Mapping[str, str] | None = None) -> Path:
-        """Write the header (with ``metadata`` if given), flush, and rename into place."""
-        missing = [k for k in self._order if k not in self._written]
-        if missing:
-            self._abort()
-            raise LoratoolError(f"internal: {len(missing)} planned tensors never written, e.g. {missing[0]}")
-        if metadata is not None:
-            self.metadata = {str(k): str(v) for k, v in metadata.items()}
+    def _commit(self) -> None:
         header = self._header_bytes(self.metadata)
-        try:
-            if len(header) <= self._reserved:
-                header = header + b" " * (self._reserved - len(header))
-                self._fh.seek(0)
-                self._fh.write(struct.pack("<Q", len(header)))
-                self._fh.write(header)
-            else:
-                self._rewrite_with_header(header)
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            os.replace(self._tmp, self.path)
-        except OSError as exc:
-            self._abort()
-            raise OutputError(f"writing {self.path} failed: {exc.strerror}", hint="free disk space and retry") from None
-        self._done = True
-        return self.path
+        if len(header) <= self._reserved:
+            header = header + b" " * (self._reserved - len(header))
+            self._fh.seek(0)
+            self._fh.write(struct.pack("<Q", len(header)))
+            self._fh.write(header)
+        else:
+            self._rewrite_with_header(header)
+        self._fh.close()
 
     def _rewrite_with_header(self, header: bytes) -> None:
         header = header + b" " * ((-(8 + len(header))) % 8)
@@ -203,30 +249,9 @@ class SafetensorsWriter:
         os.replace(tmp2, self._tmp)
         self._fh = open(self._tmp, "r+b")
 
-    def _abort(self) -> None:
-        try:
-            if not self._fh.closed:
-                self._fh.close()
-        except (AttributeError, OSError):
-            pass
-        try:
-            self._tmp.unlink()
-        except OSError:
-            pass
-        self._done = True
-
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self._abort()
-        elif not self._done:
-            self.finalize()
-
-    def __del__(self) -> None:
-        if not getattr(self, "_done", True):
-            self._abort()
+    def _close_handle(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
 
 
 def save_tensors(

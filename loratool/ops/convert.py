@@ -35,7 +35,7 @@ from ..adapters import AdapterModule, lora_delta, rank_of, scale_of, split_key
 from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..layouts.checkpoint import SCHEDULE_BUFFERS
 from ..source import PICKLE_SUFFIXES, TensorSpec
-from ..writer import SafetensorsWriter, check_output
+from ..writer import SafetensorsWriter, StreamingOutput, check_output
 from .lowrank import factored_svd
 
 # ----------------------------------------------------------------------------- dtype casts
@@ -322,7 +322,7 @@ class _RefPickler(pickle.Pickler):
         return NotImplemented
 
 
-class CkptWriter:
+class CkptWriter(StreamingOutput):
     """Write a zip-format torch file (what ``torch.save`` writes) tensor by tensor.
 
     The pickle (``archive/data.pkl``) only names storages, so it is written first from the planned
@@ -344,13 +344,8 @@ class CkptWriter:
         force: bool = False,
         wrap: bool = True,
     ):
-        self.path = check_output(Path(path), inputs, force)
-        self.specs = dict(specs)
-        self.metadata = dict(metadata or {})
+        super().__init__(path, specs, metadata, inputs, force)
         self._records = {k: str(i) for i, k in enumerate(self.specs)}
-        self._written: set[str] = set()
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self._done = False
         try:
             self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
             refs = {
@@ -381,61 +376,17 @@ class CkptWriter:
         with self._zip.open(info, "w", force_zip64=zip64) as fh:
             fh.write(data)
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        """Write one planned tensor (cast to its planned dtype; the shape must match)."""
-        if key not in self.specs or key in self._written:
-            raise LoratoolError(f"internal: tensor {key!r} not planned or written twice for {self.path}")
-        spec = self.specs[key]
-        if tuple(tensor.shape) != spec.shape:
-            raise LoratoolError(f"internal: tensor {key!r} has shape {tuple(tensor.shape)}, planned {spec.shape}")
-        t = tensor.detach().to("cpu")
-        want = dtypes.to_torch(spec.dtype)
-        if t.dtype != want:
-            t = t.to(want)
-        t = t.contiguous().reshape(-1)
-        try:
-            self._record(f"data/{self._records[key]}", memoryview(t.view(torch.uint8).numpy()))
-        except OSError as exc:
-            self._abort()
-            raise OutputError(f"writing {self.path} failed: {exc.strerror}", hint="free disk space and retry") from None
-        self._written.add(key)
+    def _store(self, key: str, flat: torch.Tensor) -> None:
+        self._record(f"data/{self._records[key]}", memoryview(flat.view(torch.uint8).numpy()))
 
-    def finalize(self, metadata: Mapping[str, str] | None = None) -> Path:
-        """Write the version records, close the archive and rename it into place. Metadata is not stored."""
-        missing = [k for k in self.specs if k not in self._written]
-        if missing:
-            self._abort()
-            raise LoratoolError(f"internal: {len(missing)} planned tensors never written, e.g. {missing[0]}")
-        try:
-            self._record("version", b"3\n")
-            self._record("byteorder", b"little")
-            self._zip.close()
-            os.replace(self._tmp, self.path)
-        except OSError as exc:
-            self._abort()
-            raise OutputError(f"writing {self.path} failed: {exc.strerror}", hint="free disk space and retry") from None
-        self._done = True
-        return self.path
+    def _commit(self) -> None:
+        """Write the version records and close the archive. Metadata is not stored in pickles."""
+        self._record("version", b"3\n")
+        self._record("byteorder", b"little")
+        self._zip.close()
 
-    def _abort(self) -> None:
-        try:
-            self._zip.close()
-        except Exception:  # noqa: BLE001 - closing a half-written archive may fail any way; the file is deleted
-            pass
-        try:
-            self._tmp.unlink()
-        except OSError:
-            pass
-        self._done = True
-
-    def __enter__(self) -> CkptWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self._abort()
-        elif not self._done:
-            self.finalize()
+    def _close_handle(self) -> None:
+        self._zip.close()
 
 
 def container_of(path: Path) -> str:
