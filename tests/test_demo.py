@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 from loratool.cli import main
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: threads only add waiting on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_demo_runs_every_step(tmp_path, capsys):

@@ -14,15 +14,6 @@ from loratool.model.unet import timestep_embedding
 from loratool.source import open_file
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops are too small for threads; on a busy 2-core machine threads only add waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_real_sd15_shapes_on_meta_device():
     layout = checkpoint_layout("sd1", "ldm")
     cfg = infer_config(layout)

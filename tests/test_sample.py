@@ -20,14 +20,6 @@ FIX = Path(__file__).resolve().parent.parent / "fixtures"
 BASE = FIX / "tiny-sd1.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops are too small for threads; on a busy 2-core machine threads only add waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_parse_prompt():
     assert parse_prompt("a <lora:blob:0.8> photo <lora:style>, red") == (

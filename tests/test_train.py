@@ -24,14 +24,6 @@ BASE = FIX / "tiny-sd1.safetensors"
 DATA = FIX / "tiny_dataset"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops are too small for threads; on a busy 2-core machine threads only add waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _opts(out: Path, **kw) -> TrainOptions:
     base = dict(base=BASE, data=DATA / "img", output=out, reg_data=DATA / "reg", rank=4, alpha=4.0,
