@@ -229,6 +229,42 @@ def _prod(shape: Iterable[int]) -> int:
     return n
 
 
+_REQUIRED = {
+    "lora": (("down", "up"),),
+    "loha": (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),),
+    "lokr": (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),
+    "full": (("diff", "diff_b"),),
+}
+
+
+def factor_problem(family: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """What is wrong with a module's factors on their own (missing role, zero rank, ranks that disagree), or None."""
+    for group in _REQUIRED.get(family, ()):
+        if family in ("lora", "loha"):
+            missing = [r for r in group if r not in shapes]
+            if missing:
+                return f"has no {', '.join(missing)}"
+        elif not any(r in shapes for r in group):
+            return f"has none of {' / '.join(group)}"
+    pairs = {
+        "lora": (("up", 1, "down", 0),),
+        "loha": (("hada_w1_a", -1, "hada_w1_b", 0), ("hada_w2_a", -1, "hada_w2_b", 0)),
+        "lokr": (("lokr_w1_a", 1, "lokr_w1_b", 0), ("lokr_w2_a", 1, "lokr_w2_b", 0)),
+    }.get(family, ())
+    if family == "loha" and "hada_t1" in shapes:
+        pairs = ()  # Tucker LoHa stores both factors as (r, dim)
+    if family == "lokr" and "lokr_t2" in shapes:
+        pairs = pairs[:1]  # Tucker w2 factors are (r, b) and (r, d)
+    for a, ai, b, bi in pairs:
+        if a in shapes and b in shapes:
+            ra, rb = shapes[a][ai] if shapes[a] else 0, shapes[b][bi] if shapes[b] else 0
+            if ra != rb:
+                return f"{a} has rank {ra} but {b} has rank {rb}"
+            if ra == 0:
+                return "has rank 0"
+    return None
+
+
 def shapes_fit(family: str, shapes: Mapping[str, tuple[int, ...]], target: ModuleTarget, factor: int = 1) -> bool:
     """Do a module's factor shapes fit its target weight (shrunk by ``factor``)? No tensor data needed."""
     ts = shrink_shape(target.target_shape, factor)
@@ -591,6 +627,16 @@ def load_adapter(source, arch: str | None = None, allow_unmapped: bool = False) 
     modules: dict[str, AdapterModule] = {}
     misfit = []
     factor = shrink_factor(index, specs)
+    broken = []
+    for name, roles in index.modules.items():
+        problem = factor_problem(index.families[name], {r: tuple(specs[k].shape) for r, k in roles.items()})
+        if problem:
+            broken.append(f"{name} {problem}")
+    if broken:
+        raise MappingError(
+            f"{source.path}: {len(broken)} modules have broken factors: {listing(broken, 3)}",
+            hint="the file is damaged or was edited by hand; get a fresh copy",
+        )
     for name, roles in index.modules.items():
         fam = index.families[name]
         shapes = {r: tuple(specs[k].shape) for r, k in roles.items()}

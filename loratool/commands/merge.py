@@ -17,14 +17,15 @@ from ..dtypes import CLI_NAMES
 @click.option("--lbw", help="LoRA Block Weight preset (OUTALL...) or comma list (17/26 numbers SD1/SD2, 12/20 SDXL).")
 @click.option("--dry-run", is_flag=True, help="Show which module goes to which weight; write nothing.")
 @click.option("--allow-unmapped", is_flag=True, help="Skip (and list) adapter keys that map to no weight.")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge adapters even if they hold NaN/Inf values.")
 @click.option("--arch", type=click.Choice(["sd1", "sd2", "sdxl"]), help="Force the architecture instead of detecting it.")
 @click.option("--lora-dir", type=click.Path(file_okay=False), help="Folder for <lora:NAME:RATIO> arguments.")
 @click.option("--into-lora", is_flag=True, help="BASE is a LoRA too: merge all adapters into one LoRA.")
 @click.option("--mode", type=click.Choice(["concat", "svd"]), default="concat", show_default=True, help="LoRA+LoRA merge method.")
 @click.option("--rank", type=int, help="Rank of the --mode svd result.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def command(base, loras, out, force, device, dtype, te_ratio, unet_ratio, lbw, dry_run, allow_unmapped, arch, lora_dir,
-            into_lora, mode, rank, as_json) -> None:
+def command(base, loras, out, force, device, dtype, te_ratio, unet_ratio, lbw, dry_run, allow_unmapped, allow_nonfinite, arch,
+            lora_dir, into_lora, mode, rank, as_json) -> None:
     """Merge LORA[:RATIO]... (ratio default 1.0, negative allowed; or "<lora:NAME:0.8>") into BASE.
 
     If BASE is itself a LoRA (or --into-lora), every adapter is merged into one LoRA (--mode concat|svd).
@@ -57,7 +58,8 @@ def command(base, loras, out, force, device, dtype, te_ratio, unet_ratio, lbw, d
         with render.progress_callback("merging LoRAs", not as_json) as cb:
             report = ops.merge_adapters(
                 adapters, out, mode=mode, rank=rank, dtype=dtype, device=device, te_ratio=te_ratio, unet_ratio=unet_ratio,
-                block_weights=block_weights, allow_unmapped=allow_unmapped, force=force, on_progress=cb,
+                block_weights=block_weights, allow_unmapped=allow_unmapped, allow_nonfinite=allow_nonfinite, force=force,
+                on_progress=cb,
             )
         return render.adapter_report(report, as_json)
     if not loras:
@@ -70,6 +72,7 @@ def command(base, loras, out, force, device, dtype, te_ratio, unet_ratio, lbw, d
     with render.progress_callback("merging", not (as_json or dry_run)) as cb:
         report = ops.merge_into_checkpoint(
             source, adapters, out, arch=arch, device=device, dtype=dtype, te_ratio=te_ratio, unet_ratio=unet_ratio,
-            block_weights=block_weights, allow_unmapped=allow_unmapped, force=force, dry_run=dry_run, on_progress=cb,
+            block_weights=block_weights, allow_unmapped=allow_unmapped, allow_nonfinite=allow_nonfinite, force=force,
+            dry_run=dry_run, on_progress=cb,
         )
     render.checkpoint_report(report, as_json)

@@ -186,6 +186,26 @@ def _module_on(module: AdapterModule, device: torch.device) -> AdapterModule:
     return replace(module, tensors={k: v.to(device) for k, v in module.tensors.items()})
 
 
+def require_finite(adapters: Sequence[tuple[LoadedAdapter, float]], allow_nonfinite: bool = False) -> None:
+    """Refuse adapters with NaN/Inf values: merged, they would poison every weight they touch."""
+    if allow_nonfinite:
+        return
+    import torch
+
+    bad = [
+        f"{ad.path}: {m.keys.get(role, m.target.name + '.' + role)}"
+        for ad, _ in adapters
+        for m in ad.modules.values()
+        for role, t in m.tensors.items()
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise LoratoolError(
+            f"{len(bad)} adapter tensors hold NaN or Inf: {listing(bad, 3)}",
+            hint="the LoRA is broken (training diverged?); pass --allow-nonfinite to merge anyway",
+        )
+
+
 def merge_into_checkpoint(
     base_source,
     adapters: Sequence[tuple[LoadedAdapter, float]],
@@ -200,6 +220,7 @@ def merge_into_checkpoint(
     allow_unmapped: bool = False,
     force: bool = False,
     dry_run: bool = False,
+    allow_nonfinite: bool = False,
     on_progress: Progress | None = None,
 ) -> MergeReport:
     """Merge adapters into a checkpoint, streaming one base tensor at a time.
@@ -220,6 +241,7 @@ def merge_into_checkpoint(
         OutputError: ``out`` exists (without ``force``) or is an input.
     """
     start = time.perf_counter()
+    require_finite(adapters, allow_nonfinite)
     specs = {k: base_source.spec(k) for k in base_source.keys()}
     match = detect_checkpoint(specs, arch)
     for ad, _ in adapters:
@@ -402,6 +424,7 @@ def merge_adapters(
     block_weights: BlockWeights | None = None,
     allow_unmapped: bool = False,
     force: bool = False,
+    allow_nonfinite: bool = False,
     on_progress: Progress | None = None,
 ) -> AdapterMergeReport:
     """Merge LoRAs into one LoRA (kohya naming) whose ΔW is ``Σ ratioᵢ·scaleᵢ·ΔWᵢ``.
@@ -417,6 +440,7 @@ def merge_adapters(
     start = time.perf_counter()
     if not adapters:
         raise LoratoolError("no adapters to merge")
+    require_finite(adapters, allow_nonfinite)
     arch = adapters[0][0].arch
     for ad, _ in adapters:
         if ad.arch != arch:

@@ -1,0 +1,128 @@
+"""Bad inputs through the CLI: exit code 2, one `error:` line (plus a hint), no traceback, no output file.
+And determinism: the same command twice writes byte-identical files."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from loratool.cli import main
+from loratool.synth import make_lora
+from loratool.writer import save_tensors
+
+
+def _lora(tmp_path, name, edit):
+    t = make_lora("sd1", seed=9)
+    edit(t)
+    return save_tensors(tmp_path / name, t, {"ss_base_model_version": "sd_v1"})
+
+
+def _nan(t):
+    k = next(k for k in t if k.endswith("lora_up.weight"))
+    t[k] = t[k].clone()
+    t[k][0, 0] = float("nan")
+
+
+def _zero_rank(t):
+    k = next(k for k in t if k.endswith("lora_down.weight") and t[k].dim() == 2)
+    up = k.replace("lora_down", "lora_up")
+    t[k] = t[k][:0]
+    t[up] = t[up][:, :0]
+
+
+def _rank_mismatch(t):
+    k = next(k for k in t if k.endswith("lora_down.weight") and t[k].dim() == 2)
+    t[k] = torch.cat([t[k], t[k]])
+
+
+CASES = {
+    "nan values": (lambda tp, fx: ["merge", str(fx / "sd15-tiny.safetensors"), str(_lora(tp, "nan.safetensors", _nan))],
+                   "NaN"),
+    "zero rank": (lambda tp, fx: ["merge", str(fx / "sd15-tiny.safetensors"), str(_lora(tp, "z.safetensors", _zero_rank))],
+                  "rank 0"),
+    "up/down ranks differ": (
+        lambda tp, fx: ["merge", str(fx / "sd15-tiny.safetensors"), str(_lora(tp, "m.safetensors", _rank_mismatch))], "rank"),
+    "LoRA for another architecture": (
+        lambda tp, fx: ["merge", str(fx / "sd15-tiny.safetensors"), str(fx / "sdxl-lora-kohya.safetensors")], "SDXL"),
+    "ratio string a:b:c": (lambda tp, fx: ["merge", str(fx / "sd15-tiny.safetensors"), "a:b:c"], "a:b:c"),
+    "truncated base": (lambda tp, fx: ["merge", str(_truncated(tp, fx)), str(fx / "sd15-lora-kohya.safetensors")], "truncated"),
+    "resize of a broken LoRA": (
+        lambda tp, fx: ["resize", str(_lora(tp, "m.safetensors", _rank_mismatch)), "--rank", "2"], "rank"),
+    "convert of a broken LoRA": (lambda tp, fx: ["convert", str(_lora(tp, "n.safetensors", _zero_rank)), "--to", "peft"],
+                                 "rank 0"),
+}
+
+
+def _truncated(tmp_path, fixtures):
+    data = (fixtures / "sd15-tiny.safetensors").read_bytes()
+    path = tmp_path / "trunc.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_exits_2_with_one_error_line(tmp_path, fixtures, capfd, case):
+    make_args, needle = CASES[case]
+    args = make_args(tmp_path, fixtures)
+    out = tmp_path / "out" / "result.safetensors"
+    out.parent.mkdir()
+    if args[0] == "convert":
+        args = [args[0], args[1], str(out), *args[2:]]
+    else:
+        args += ["-o", str(out)]
+    before = sorted(os.listdir(tmp_path))
+    assert main(args) == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert sum(line.startswith("error:") for line in lines) == 1, err
+    assert needle.lower() in err.lower(), err
+    assert "Traceback" not in err
+    assert os.listdir(out.parent) == []
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_nonfinite_merge_allowed_with_flag(tmp_path, fixtures):
+    lora = _lora(tmp_path, "nan.safetensors", _nan)
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", str(fixtures / "sd15-tiny.safetensors"), str(lora), "-o", str(out), "--allow-nonfinite"]) == 0
+    assert out.exists()
+
+
+def test_output_equal_to_input_is_refused_and_input_kept(tmp_path, fixtures):
+    base = tmp_path / "base.safetensors"
+    shutil.copy(fixtures / "sd15-tiny.safetensors", base)
+    before = base.read_bytes()
+    args = ["merge", str(base), str(fixtures / "sd15-lora-kohya.safetensors"), "-o", str(base), "--force"]
+    assert main(args) == 2
+    assert base.read_bytes() == before
+
+
+RUNS = {
+    "merge": lambda fx, o: ["merge", str(fx / "sd15-tiny.safetensors"), f"{fx / 'sd15-loha.safetensors'}:0.7", "-o", o],
+    "merge loras": lambda fx, o: ["merge", str(fx / "sd15-lora-kohya.safetensors"), str(fx / "sd15-lokr.safetensors"), "-o", o],
+    "convert": lambda fx, o: ["convert", str(fx / "sdxl-lora-kohya.safetensors"), o, "--to", "peft"],
+    "convert dtype": lambda fx, o: ["convert", str(fx / "sd21-tiny.safetensors"), o, "--dtype", "bf16"],
+    "resize": lambda fx, o: ["resize", str(fx / "sd21-lora-kohya.safetensors"), "--rank", "2", "-o", o],
+    "extract": lambda fx, o: ["extract", str(fx / "tuned.safetensors"), str(fx / "sd15-tiny.safetensors"), "--rank", "2",
+                              "-o", o],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_same_command_twice_is_byte_identical(tmp_path, fixtures, name, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    if name == "extract":  # a fine-tune of the fixture base: base + a LoRA, merged
+        tuned_dir = tmp_path / "fx"
+        tuned_dir.mkdir()
+        (tuned_dir / "sd15-tiny.safetensors").symlink_to(fixtures / "sd15-tiny.safetensors")
+        merge = ["merge", str(fixtures / "sd15-tiny.safetensors"), str(fixtures / "sd15-lora-kohya.safetensors")]
+        assert main([*merge, "-o", str(tuned_dir / "tuned.safetensors"), "--json"]) == 0
+        fixtures = tuned_dir
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"out{i}.safetensors"
+        args = RUNS[name](fixtures, str(out))
+        assert main([*args, "--json"]) == 0
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
