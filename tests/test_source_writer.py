@@ -123,3 +123,27 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
     with pytest.raises(UnsafePickleError, match="system"):
         open_file(tmp_path / "evil.ckpt")
     assert not os.path.exists(marker)
+
+
+def _mapped_resident_kib(path) -> int:
+    """Resident KiB of every mapping of ``path`` in this process (from /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1])
+    return total
+
+
+def test_safetensors_tensors_are_read_not_mapped(tmp_path):
+    """Mapped pages count as resident until unmapped, so streaming a 7 GB file through a map shows 7 GB RSS.
+    Reading per tensor keeps the file's pages out of the process's resident set."""
+    big = {f"w{i}": torch.randn(256, 1024) for i in range(8)}  # 8 MiB of data
+    p = save_tensors(tmp_path / "m.safetensors", big)
+    src = open_file(p)
+    for k in src.keys():
+        assert torch.equal(src.get(k), big[k])
+    assert _mapped_resident_kib(p) < 1024
