@@ -12,8 +12,6 @@ exists on both sides.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,7 @@ from .errors import LoratoolError, MappingError, OutputError, listing
 from .layouts import checkpoint_layout
 from .layouts.checkpoint import KeyLink, checkpoint_links, linked_shape, one_sided_reason, scaled_rows
 from .source import TensorSpec, open_file
-from .writer import SafetensorsWriter
+from .writer import FolderOutput, SafetensorsWriter
 
 DIFFUSERS_VERSION = "0.32.1"  # the diffusers release whose folder layout the tables follow
 _WEIGHT_FILES = {
@@ -313,30 +311,8 @@ def _write_single(src, out: Path, plan: list[_Item], inputs, force: bool, on_pro
 def _write_folder(
     src, out: Path, plan: list[_Item], arch: str, inputs, force: bool, on_progress: Progress | None
 ) -> tuple[list[str], int]:
-    for inp in inputs:
-        ip = Path(inp).resolve()
-        if ip == out.resolve() or out.resolve() in ip.parents:
-            raise OutputError(f"output {out} contains the input {inp}", hint="write to a new folder; inputs are never changed")
-    if out.exists() and not force:
-        raise OutputError(f"{out} already exists", hint="pass --force to replace it, or choose another name")
-    if not out.parent.exists():
-        raise OutputError(f"folder {out.parent} does not exist", hint="create it first")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        files = _fill_folder(src, tmp, plan, arch, on_progress)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with FolderOutput(out, inputs, force) as folder:
+        files = _fill_folder(src, folder.tmp, plan, arch, on_progress)
     return files, sum(it.spec.nbytes for it in plan)
 
 

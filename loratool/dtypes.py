@@ -99,6 +99,67 @@ def name_of_attr(attr: str) -> str | None:
     return None
 
 
+#: The one ``--dtype`` choice set of every command.
+CHOICES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
+
+
+def cast(t: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
+    """Cast a float tensor to the safetensors dtype ``name`` with the one rule every command uses.
+
+    ``y = round_ne(clamp(x, -max, max))``: values beyond the target's largest finite value are
+    clamped to it first (so no cast makes an infinity: plain torch gives ``inf`` for fp16 and
+    fp8_e5m2), then torch rounds to nearest, ties to even. NaN stays NaN. Integer and bool tensors,
+    and tensors already in the target dtype, are returned unchanged.
+
+    Returns:
+        (cast tensor, number of elements that were clamped, infinities included).
+
+    Example:
+        >>> import torch
+        >>> y, n = cast(torch.tensor([1.0, 500.0, -1e6]), "F8_E4M3")
+        >>> y.float().tolist(), n
+        ([1.0, 448.0, -448.0], 2)
+    """
+    import torch
+
+    target = to_torch(name)
+    if t.dtype == target or not t.is_floating_point():
+        return t, 0
+    clamped = 0
+    if target.is_floating_point:
+        limit = torch.finfo(target).max
+        if torch.finfo(t.dtype).max > limit:
+            over = t.abs() > limit  # NaN compares False and stays NaN
+            clamped = int(over.sum())
+            if clamped:
+                t = t.clamp(-limit, limit)
+    return t.to(target), clamped
+
+
+def float_max(name: str) -> float:
+    """Largest finite value of a float dtype name (``F8_E4M3`` → 448, ``F8_E5M2`` → 57344, ``F16`` → 65504)."""
+    import torch
+
+    return float(torch.finfo(to_torch(name)).max)
+
+
+def exact_scalar(value: float, name: str) -> torch.Tensor:
+    """A 0-d tensor holding ``value`` in dtype ``name`` if that dtype represents it exactly, else in
+    float32 if that does, else float64 (a LoRA ``alpha``: alpha/rank scales the whole module, and
+    0.3 in fp16 is 0.2998, so an inexact save dtype is not used for it). Readers accept any float dtype.
+    """
+    import torch
+
+    want = to_torch(name)
+    for dt in (want, torch.float32, torch.float64):
+        if not dt.is_floating_point:
+            continue
+        t = torch.tensor(value, dtype=torch.float64).to(dt)
+        if float(t.double()) == float(value):
+            return t
+    return torch.tensor(value, dtype=torch.float64)
+
+
 def parse_cli(text: str) -> str:
     """``fp16`` / ``bf16`` / ``F16`` ... → safetensors name; raises with the valid choices."""
     key = text.strip()
@@ -107,5 +168,5 @@ def parse_cli(text: str) -> str:
     if key.lower() in CLI_NAMES:
         return CLI_NAMES[key.lower()]
     raise LoratoolError(
-        f"unknown dtype {text!r}", hint="use one of fp32, fp16, bf16, fp8_e4m3fn, fp8_e5m2"
+        f"unknown dtype {text!r}", hint=f"use one of {', '.join(CHOICES)}"
     )

@@ -15,6 +15,20 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+def now() -> float:
+    """Unix time for every date loratool writes (``ss_training_*_at``, ``modelspec.date``);
+    ``SOURCE_DATE_EPOCH`` (reproducible builds) fixes it, so reruns are byte-identical."""
+    import time
+
+    fixed = os.environ.get("SOURCE_DATE_EPOCH")
+    return float(fixed) if fixed else time.time()
+
+
+def iso_date(t: float | None = None) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` (UTC) of ``t`` (default :func:`now`), the modelspec date format."""
+    return datetime.fromtimestamp(now() if t is None else t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 _LEGACY_OFFSET = 0x100000
 _LEGACY_LENGTH = 0x10000
 

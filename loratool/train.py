@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,10 +42,11 @@ from .data import (
 )
 from .errors import LoratoolError
 from .layouts import kohya_modules
-from .metadata import with_hashes
+from .metadata import now, with_hashes
 from .model import StableDiffusion, alphas_cumprod, load_model
+from .runtime import resolve_device, threads
 from .source import open_file
-from .writer import SafetensorsWriter, check_output, save_tensors
+from .writer import SafetensorsWriter, check_output, container_for, open_writer, save_tensors
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -142,23 +142,8 @@ def lora_tensors(modules: dict[str, LoRAModule], dtype: torch.dtype = torch.floa
     for name, m in modules.items():
         out[f"{name}.lora_down.weight"] = m.lora_down.detach().to("cpu", dtype).contiguous()
         out[f"{name}.lora_up.weight"] = m.lora_up.detach().to("cpu", dtype).contiguous()
-        out[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
+        out[f"{name}.alpha"] = dtypes.exact_scalar(float(m.alpha), dtypes.name_of(dtype))
     return dict(sorted(out.items()))
-
-
-def _now() -> float:
-    """Unix time for the ``ss_training_*_at`` fields; ``SOURCE_DATE_EPOCH`` (reproducible builds) fixes it."""
-    fixed = os.environ.get("SOURCE_DATE_EPOCH")
-    return float(fixed) if fixed else time.time()
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LoratoolError("--device cuda: no CUDA device is available", hint="use --device cpu or --device auto")
-    return torch.device(device)
 
 
 @dataclass(frozen=True)
@@ -218,15 +203,8 @@ class _Sample:
 def cpu_threads(model: StableDiffusion, device: torch.device) -> Iterator[None]:
     """One CPU thread for small models: their ops are too small to gain from threads, and thread
     start-up dominates (measured ×10 slower with 2 threads on a busy 2-core machine)."""
-    if device.type != "cpu" or model.unet.cfg.model_channels >= 320:
+    with threads(1 if device.type == "cpu" and model.unet.cfg.model_channels < 320 else None):
         yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def default_resolution(model: StableDiffusion) -> int:
@@ -386,9 +364,10 @@ def train(opts: TrainOptions, on_step: Callable[[int, int, float], None] | None 
         raise LoratoolError(f"--rank {opts.rank}: must be positive", hint="typical ranks are 4 to 128")
     if opts.save_dtype is not None and opts.save_dtype not in SAVE_DTYPES:
         raise LoratoolError(f"--save-dtype {opts.save_dtype}: unknown", hint="use fp16, bf16 or fp32")
+    container_for(opts.output)
     check_output(Path(opts.output), [opts.base, opts.data] + ([opts.reg_data] if opts.reg_data else []), opts.force)
     device = resolve_device(opts.device)
-    started = _now()
+    started = now()
     subsets = read_subsets(opts.data)
     reg_subsets = read_subsets(opts.reg_data, is_reg=True) if opts.reg_data else []
     items = expand(subsets) + expand(reg_subsets)
@@ -446,7 +425,7 @@ def _train(
     num_reg = sum(len(s.items) for s in reg_subsets)
     meta = _kohya_metadata(opts, subsets, reg_subsets, resolution, buckets, step, epoch, batches_per_epoch, started,
                            num_images, num_reg)
-    meta["ss_training_finished_at"] = str(_now())
+    meta["ss_training_finished_at"] = str(now())
     if opts.full:
         meta = {"loratool.trained": json.dumps({k: meta[k] for k in ("ss_steps", "ss_learning_rate", "ss_seed",
                                                                         "ss_sd_model_name", "ss_tag_frequency")})}
@@ -476,12 +455,9 @@ def write_full_checkpoint(
             if k in tuned and dtype is not None:
                 spec = type(spec)(spec.shape, dtypes.name_of(dtype))
             specs[k] = spec
-        with SafetensorsWriter(output, specs, metadata, inputs=[base], force=force) as w:
+        with open_writer(output, specs, metadata, inputs=[base], force=force, wrap=True) as w:
             for k in src.keys():
-                if k in tuned:
-                    w.write(k, tuned[k].detach().to("cpu", dtypes.to_torch(specs[k].dtype)))
-                else:
-                    w.write(k, src.get(k))
-            return w.finalize()
+                w.write(k, tuned[k].detach().float() if k in tuned else src.get(k))
+            return w.finalize(metadata if isinstance(w, SafetensorsWriter) else None)
     finally:
         src.close()

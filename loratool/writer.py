@@ -1,4 +1,15 @@
-"""Streaming safetensors writer: header planned up front, tensors written one at a time.
+"""Every output loratool writes: the container rule, the streaming writers, atomic folders, cleanup.
+
+* :func:`container_for` is the one rule mapping an output path to its container (``.safetensors``;
+  ``.ckpt/.pt/.pth/.bin`` torch zip pickle; a folder for diffusers layouts) — every command uses it.
+* :class:`SafetensorsWriter` and :class:`CkptWriter` stream tensors one at a time into a temporary
+  file beside the target and rename it into place when complete (:func:`open_writer` picks one).
+* :class:`FolderOutput` does the same for a folder: a temporary folder beside the target, renamed
+  into place at the end; only the files of the layout we write are ever replaced.
+* :func:`check_output` refuses outputs that are inputs, hold inputs, exist without ``--force``, or
+  are the current folder or one of its parents.
+
+Streaming safetensors writer: header planned up front, tensors written one at a time.
 
 The layout follows the safetensors format: 8-byte little-endian header length,
 a JSON header (``{key: {dtype, shape, data_offsets}}`` plus ``__metadata__``)
@@ -12,33 +23,73 @@ the target only when complete; any exception removes the temporary file.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
+import shutil
 import struct
+import zipfile
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import dtypes
 from .errors import LoratoolError, OutputError
-from .source import TensorSpec
+from .source import PICKLE_SUFFIXES, TensorSpec
 
 _RESERVE_EXTRA = 64 * 1024
 
 
-def check_output(out: Path, inputs: Iterable[str | os.PathLike] = (), force: bool = False) -> Path:
-    """Refuse an output that is one of the inputs, or exists without ``force``.
+def container_for(path: str | os.PathLike, folder_ok: bool = False) -> str:
+    """The container an output path names: ``safetensors``, ``pickle`` or ``folder``.
 
-    Returns the resolved output path.
+    ``.safetensors`` → safetensors; ``.ckpt``/``.pt``/``.pth``/``.bin`` → a torch zip pickle (what
+    ``torch.save`` writes); a name without an extension → a folder, where the command writes one
+    (``folder_ok``: diffusers layouts). Anything else is refused, so a file never carries bytes its
+    name does not promise.
+
+    Raises:
+        OutputError: the extension names no container this command can write.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in PICKLE_SUFFIXES:
+        return "pickle"
+    if folder_ok and (not suffix or p.is_dir()):
+        return "folder"
+    hint = "name the output .safetensors, or .ckpt/.pt/.pth/.bin for a torch pickle"
+    if folder_ok:
+        hint += ", or a name without extension for a diffusers folder"
+    raise OutputError(f"{p}: cannot tell the output container from the extension {suffix or '(none)'!r}", hint=hint)
+
+
+def check_output(out: Path, inputs: Iterable[str | os.PathLike] = (), force: bool = False) -> Path:
+    """Refuse an output that is one of the inputs, holds an input, is the current folder or one of
+    its parents, or exists without ``force``.
+
+    Returns the output path as given (checked against its resolved form).
     """
     out = Path(out)
+    resolved = out.resolve()
+    here = Path.cwd().resolve()
+    if not out.name or out.name in (".", "..") or resolved == here or resolved in here.parents:
+        raise OutputError(
+            f"output {out} is the current folder or one of its parents",
+            hint="name a new file or folder, e.g. -o out.safetensors or -o out-folder",
+        )
     for inp in inputs:
         ip = Path(inp)
-        if ip.exists() and out.exists() and os.path.samefile(ip, out):
+        same = ip.exists() and out.exists() and os.path.samefile(ip, out)
+        if same or ip.resolve() == resolved:
             raise OutputError(f"output {out} is also an input", hint="write to a new file; inputs are never overwritten")
-        if ip.resolve() == out.resolve():
-            raise OutputError(f"output {out} is also an input", hint="write to a new file; inputs are never overwritten")
+        if resolved in ip.resolve().parents:
+            raise OutputError(f"output {out} contains the input {inp}", hint="write to a new folder; inputs are never changed")
     if out.exists() and not force:
         raise OutputError(f"{out} already exists", hint="pass --force to replace it, or choose another name")
     if not out.parent.exists():
@@ -82,6 +133,8 @@ class StreamingOutput:
         self.specs = dict(specs)
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         self._written: set[str] = set()
+        #: key → elements clamped by the cast to the planned dtype (see :func:`loratool.dtypes.cast`)
+        self.clamped: dict[str, int] = {}
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self._done = False
 
@@ -98,10 +151,11 @@ class StreamingOutput:
         spec = self.specs[key]
         if tuple(tensor.shape) != spec.shape:
             raise LoratoolError(f"internal: tensor {key!r} has shape {tuple(tensor.shape)}, planned {spec.shape}")
-        t = tensor.detach()
-        want = dtypes.to_torch(spec.dtype)
-        if t.dtype != want:
-            t = t.to(want)
+        t, n = dtypes.cast(tensor.detach(), spec.dtype)
+        if n:
+            self.clamped[key] = n
+        if t.dtype != dtypes.to_torch(spec.dtype):
+            raise LoratoolError(f"internal: tensor {key!r} is {t.dtype}, planned {spec.dtype}")
         return t.to("cpu").contiguous().reshape(-1)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -254,16 +308,228 @@ class SafetensorsWriter(StreamingOutput):
             self._fh.close()
 
 
+# ----------------------------------------------------------------------------- .ckpt writer
+
+# torch.save writes these dtypes as typed storages with _rebuild_tensor_v2; newer dtypes (fp8)
+# as an UntypedStorage (numel = bytes) with _rebuild_tensor_v3 and the dtype.
+_LEGACY_STORAGE = {
+    torch.float64: "DoubleStorage",
+    torch.float32: "FloatStorage",
+    torch.float16: "HalfStorage",
+    torch.bfloat16: "BFloat16Storage",
+    torch.int64: "LongStorage",
+    torch.int32: "IntStorage",
+    torch.int16: "ShortStorage",
+    torch.int8: "CharStorage",
+    torch.uint8: "ByteStorage",
+    torch.bool: "BoolStorage",
+}
+_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    record: str
+    dtype: torch.dtype
+    numel: int
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    storage: _StorageRef
+    shape: tuple[int, ...]
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for d in reversed(shape):
+        stride.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(stride))
+
+
+class _RefPickler(pickle.Pickler):
+    """Pickles tensor placeholders exactly as ``torch.save`` pickles tensors (storages by reference)."""
+
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            if obj.dtype in _LEGACY_STORAGE:
+                return ("storage", getattr(torch, _LEGACY_STORAGE[obj.dtype]), obj.record, "cpu", obj.numel)
+            nbytes = obj.numel * torch.empty((), dtype=obj.dtype).element_size()
+            return ("storage", torch.UntypedStorage, obj.record, "cpu", nbytes)
+        return None
+
+    def reducer_override(self, obj):
+        if isinstance(obj, _TensorRef):
+            args = (obj.storage, 0, obj.shape, _contiguous_stride(obj.shape), False, OrderedDict())
+            if obj.storage.dtype in _LEGACY_STORAGE:
+                return torch._utils._rebuild_tensor_v2, args
+            return torch._utils._rebuild_tensor_v3, (*args, obj.storage.dtype)
+        return NotImplemented
+
+
+class CkptWriter(StreamingOutput):
+    """Write a zip-format torch file (what ``torch.save`` writes) tensor by tensor.
+
+    The pickle (``archive/data.pkl``) only names storages, so it is written first from the planned
+    specs; each tensor's bytes then go to their own stored (uncompressed) record, 64-byte aligned
+    like torch's (``torch.load(..., mmap=True)`` works). Memory is bounded by the largest tensor.
+    ``torch.load(path, weights_only=True)`` and loratool's allow-list reader both read the result.
+
+    Args:
+        path: output file; ``wrap``: put the tensors under ``{"state_dict": ...}`` (full checkpoints,
+            as LDM/A1111 expect) or write the plain dict (LoRAs, as kohya's loaders expect).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: Mapping[str, TensorSpec],
+        metadata: Mapping[str, str] | None = None,
+        inputs: Iterable[str | os.PathLike] = (),
+        force: bool = False,
+        wrap: bool = True,
+    ):
+        super().__init__(path, specs, metadata, inputs, force)
+        self._records = {k: str(i) for i, k in enumerate(self.specs)}
+        try:
+            self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+            refs = {
+                k: _TensorRef(_StorageRef(self._records[k], dtypes.to_torch(s.dtype), s.numel), tuple(s.shape))
+                for k, s in self.specs.items()
+            }
+            obj = {"state_dict": refs} if wrap else refs
+            buf = io.BytesIO()
+            _RefPickler(buf, protocol=2).dump(obj)
+            self._record("data.pkl", buf.getvalue())
+        except OSError as exc:
+            self._abort()
+            raise OutputError(f"cannot create {self.path}: {exc.strerror}", hint="check the folder and free disk space") from None
+
+    def _record(self, name: str, data: bytes | memoryview) -> None:
+        info = zipfile.ZipInfo(f"archive/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_STORED
+        size = len(data) if isinstance(data, bytes) else data.nbytes
+        zip64 = size > 0x7FFFFFFF
+        # Local header: 30 bytes + name + extra (+ 20 bytes zip64 extra). Pad the extra field so the
+        # record's data starts on a 64-byte boundary (torch's own files do the same).
+        start = self._zip.fp.tell()
+        base = 30 + len(info.filename.encode()) + (20 if zip64 else 0) + 4
+        pad = (-(start + base)) % _ALIGN
+        info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad
+        with self._zip.open(info, "w", force_zip64=zip64) as fh:
+            fh.write(data)
+
+    def _store(self, key: str, flat: torch.Tensor) -> None:
+        self._record(f"data/{self._records[key]}", memoryview(flat.view(torch.uint8).numpy()))
+
+    def _commit(self) -> None:
+        """Write the version records and close the archive. Metadata is not stored in pickles."""
+        self._record("version", b"3\n")
+        self._record("byteorder", b"little")
+        self._zip.close()
+
+    def _close_handle(self) -> None:
+        self._zip.close()
+
+
+def open_writer(
+    out: str | os.PathLike,
+    specs: Mapping[str, TensorSpec],
+    metadata: Mapping[str, str] | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
+    force: bool = False,
+    wrap: bool = False,
+) -> StreamingOutput:
+    """The streaming writer for ``out``'s container (:func:`container_for`): both have
+    ``write(key, tensor)`` and ``finalize(metadata)``. ``wrap`` puts a pickle's tensors under
+    ``state_dict`` (full checkpoints, as LDM/A1111 expect); adapters are written as a plain dict.
+    A pickle has no metadata field: ``metadata`` is only stored in safetensors files.
+    """
+    if container_for(out) == "safetensors":
+        return SafetensorsWriter(out, specs, metadata, inputs=inputs, force=force)
+    return CkptWriter(out, specs, None, inputs=inputs, force=force, wrap=wrap)
+
+
 def save_tensors(
     path: str | os.PathLike,
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     inputs: Iterable[str | os.PathLike] = (),
     force: bool = False,
+    wrap: bool = False,
 ) -> Path:
-    """Write an in-memory dict of tensors (small files: LoRAs, fixtures) through the same writer."""
+    """Write an in-memory dict of tensors (small files: LoRAs, fixtures) in the container ``path`` names."""
     specs = {k: TensorSpec(tuple(v.shape), dtypes.name_of(v.dtype)) for k, v in tensors.items()}
-    with SafetensorsWriter(path, specs, metadata, inputs, force) as w:
+    with open_writer(path, specs, metadata, inputs, force, wrap) as w:
         for k, v in tensors.items():
             w.write(k, v)
-        return w.finalize()
+        return w.finalize(metadata if isinstance(w, SafetensorsWriter) else None)
+
+
+# ----------------------------------------------------------------------------- folders
+
+DIFFUSERS_MARKER = "model_index.json"
+
+
+class FolderOutput:
+    """An output folder built in a temporary folder beside it and renamed into place when complete.
+
+    Use as a context manager; :attr:`tmp` is where the files go. Any exception (SIGINT/SIGTERM
+    included, see :mod:`loratool.cli`) removes the temporary folder and leaves ``path`` untouched.
+
+    Replacing an existing folder (``force``) only ever replaces the files of the layout we write: the
+    folder must be empty or a diffusers folder (it has ``model_index.json``); after the swap, every file
+    of the old folder that the new one does not have (notes, other weights) is moved into the new
+    folder, and only the old files we replaced are deleted. A non-empty folder that is not a diffusers
+    folder is refused, with or without ``force``.
+
+    Raises:
+        OutputError: see :func:`check_output`; an existing file, or a foreign non-empty folder.
+    """
+
+    def __init__(self, path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), force: bool = False):
+        self.path = check_output(Path(path), inputs, force)
+        if self.path.exists():
+            if not self.path.is_dir():
+                raise OutputError(f"{self.path} is a file; a diffusers layout is written as a folder",
+                                  hint="remove it yourself or choose another name")
+            if any(self.path.iterdir()) and not (self.path / DIFFUSERS_MARKER).is_file():
+                raise OutputError(
+                    f"{self.path} is a non-empty folder that is not a diffusers folder (no {DIFFUSERS_MARKER})",
+                    hint="loratool never deletes files it did not write; choose a new folder name",
+                )
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
+        self._done = False
+
+    def commit(self) -> Path:
+        if not self.path.exists():
+            os.replace(self.tmp, self.path)
+        else:
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+            for f in sorted(old.rglob("*")):
+                rel = f.relative_to(old)
+                if (f.is_file() or f.is_symlink()) and not (self.path / rel).exists():
+                    (self.path / rel).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(f, self.path / rel)
+            shutil.rmtree(old)  # only what the new folder replaced is left in it
+        self._done = True
+        return self.path
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._done = True
+
+    def __enter__(self) -> FolderOutput:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._done:
+            self.commit()

@@ -25,8 +25,9 @@ def command(base, prompt, negative, lora_dir, output, steps, guidance, seed, siz
     from ..data import make_tokenizer
     from ..model import load_model
     from ..render.train import sample_report
+    from ..runtime import resolve_device
     from ..sample import apply_lora, find_lora, generate, parse_prompt, parse_size, save_png
-    from ..train import cpu_threads, default_resolution, resolve_device
+    from ..train import cpu_threads, default_resolution
     from ..writer import check_output
     from .train import bundled_base
 

@@ -20,11 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
-import struct
-import zipfile
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +30,8 @@ from .. import dtypes
 from ..adapters import AdapterModule, lora_delta, rank_of, scale_of, split_key
 from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..layouts.checkpoint import SCHEDULE_BUFFERS
-from ..source import PICKLE_SUFFIXES, TensorSpec
-from ..writer import SafetensorsWriter, StreamingOutput, check_output
+from ..source import TensorSpec
+from ..writer import check_output, container_for, open_writer
 from .lowrank import factored_svd
 
 # ----------------------------------------------------------------------------- dtype casts
@@ -45,55 +41,13 @@ from .lowrank import factored_svd
 KEEP_DTYPE_KEYS = frozenset(SCHEDULE_BUFFERS) | {"model_ema.decay"}
 
 
-def float_max(dtype: str) -> float:
-    """Largest finite value of a float dtype name (``F8_E4M3`` → 448, ``F8_E5M2`` → 57344, ``F16`` → 65504)."""
-    return float(torch.finfo(dtypes.to_torch(dtype)).max)
-
-
-def cast_float(t: torch.Tensor, dtype: str) -> tuple[torch.Tensor, int]:
-    """Cast a float tensor to ``dtype``, clamping to the target's finite range first.
-
-    ``y = round_ne(clamp(x, -max, max))`` where ``max`` is the target's largest finite value and
-    ``round_ne`` is torch's round-to-nearest-even. Integer and bool tensors are returned unchanged.
-
-    Returns:
-        (cast tensor, number of elements with ``|x| > max`` that were clamped, infinities included).
-
-    Example:
-        >>> y, n = cast_float(torch.tensor([1.0, 500.0, -1e6]), "F8_E4M3")
-        >>> y.float().tolist(), n
-        ([1.0, 448.0, -448.0], 2)
-    """
-    if not t.is_floating_point():
-        return t, 0
-    target = dtypes.to_torch(dtype)
-    if t.dtype == target:
-        return t, 0
-    limit = torch.finfo(target).max
-    clamped = 0
-    if torch.finfo(t.dtype).max > limit:
-        over = t.abs() > limit  # NaN compares False and stays NaN
-        clamped = int(over.sum())
-        if clamped:
-            t = t.clamp(-limit, limit)
-    return t.to(target), clamped
-
-
 def alpha_in_dtype(alpha: torch.Tensor, dtype: str) -> torch.Tensor:
-    """A LoRA ``alpha`` in ``dtype`` if that keeps its value exactly, else in float32.
-
-    kohya writes alpha in the save dtype; a value like 0.1 is not exact in fp16 (0.0999755859375),
-    and alpha/rank scales the whole module, so an inexact alpha stays float32 (readers accept any
-    float dtype). Integer alphas (``svd_merge_lora.py`` writes int64) are left unchanged.
+    """A LoRA ``alpha`` in ``dtype`` if that keeps its value exactly, else float32 (see
+    :func:`loratool.dtypes.exact_scalar`). Integer alphas (``svd_merge_lora.py`` writes int64) are kept.
     """
     if not alpha.is_floating_point():
         return alpha
-    value = float(alpha.double().reshape(-1)[0])
-    cast, _ = cast_float(alpha, dtype)
-    if float(cast.double().reshape(-1)[0]) == value:
-        return cast
-    as32 = alpha.to(torch.float32)
-    return as32 if float(as32.double().reshape(-1)[0]) == value else alpha
+    return dtypes.exact_scalar(float(alpha.double().reshape(-1)[0]), dtype)
 
 
 # ----------------------------------------------------------------------------- adapter → LoRA factors
@@ -262,155 +216,6 @@ def _shaped(down: torch.Tensor, up: torch.Tensor, shape: tuple[int, ...]) -> tup
     return down.reshape(k, -1), up.reshape(shape[0], k)
 
 
-# ----------------------------------------------------------------------------- .ckpt writer
-
-# torch.save writes these dtypes as typed storages with _rebuild_tensor_v2; newer dtypes (fp8)
-# as an UntypedStorage (numel = bytes) with _rebuild_tensor_v3 and the dtype.
-_LEGACY_STORAGE = {
-    torch.float64: "DoubleStorage",
-    torch.float32: "FloatStorage",
-    torch.float16: "HalfStorage",
-    torch.bfloat16: "BFloat16Storage",
-    torch.int64: "LongStorage",
-    torch.int32: "IntStorage",
-    torch.int16: "ShortStorage",
-    torch.int8: "CharStorage",
-    torch.uint8: "ByteStorage",
-    torch.bool: "BoolStorage",
-}
-_ALIGN = 64
-
-
-@dataclass(frozen=True)
-class _StorageRef:
-    record: str
-    dtype: torch.dtype
-    numel: int
-
-
-@dataclass(frozen=True)
-class _TensorRef:
-    storage: _StorageRef
-    shape: tuple[int, ...]
-
-
-def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for d in reversed(shape):
-        stride.append(acc)
-        acc *= max(d, 1)
-    return tuple(reversed(stride))
-
-
-class _RefPickler(pickle.Pickler):
-    """Pickles tensor placeholders exactly as ``torch.save`` pickles tensors (storages by reference)."""
-
-    def persistent_id(self, obj):
-        if isinstance(obj, _StorageRef):
-            if obj.dtype in _LEGACY_STORAGE:
-                return ("storage", getattr(torch, _LEGACY_STORAGE[obj.dtype]), obj.record, "cpu", obj.numel)
-            nbytes = obj.numel * torch.empty((), dtype=obj.dtype).element_size()
-            return ("storage", torch.UntypedStorage, obj.record, "cpu", nbytes)
-        return None
-
-    def reducer_override(self, obj):
-        if isinstance(obj, _TensorRef):
-            args = (obj.storage, 0, obj.shape, _contiguous_stride(obj.shape), False, OrderedDict())
-            if obj.storage.dtype in _LEGACY_STORAGE:
-                return torch._utils._rebuild_tensor_v2, args
-            return torch._utils._rebuild_tensor_v3, (*args, obj.storage.dtype)
-        return NotImplemented
-
-
-class CkptWriter(StreamingOutput):
-    """Write a zip-format torch file (what ``torch.save`` writes) tensor by tensor.
-
-    The pickle (``archive/data.pkl``) only names storages, so it is written first from the planned
-    specs; each tensor's bytes then go to their own stored (uncompressed) record, 64-byte aligned
-    like torch's (``torch.load(..., mmap=True)`` works). Memory is bounded by the largest tensor.
-    ``torch.load(path, weights_only=True)`` and loratool's allow-list reader both read the result.
-
-    Args:
-        path: output file; ``wrap``: put the tensors under ``{"state_dict": ...}`` (full checkpoints,
-            as LDM/A1111 expect) or write the plain dict (LoRAs, as kohya's loaders expect).
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        specs: Mapping[str, TensorSpec],
-        metadata: Mapping[str, str] | None = None,
-        inputs: Iterable[str | os.PathLike] = (),
-        force: bool = False,
-        wrap: bool = True,
-    ):
-        super().__init__(path, specs, metadata, inputs, force)
-        self._records = {k: str(i) for i, k in enumerate(self.specs)}
-        try:
-            self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-            refs = {
-                k: _TensorRef(_StorageRef(self._records[k], dtypes.to_torch(s.dtype), s.numel), tuple(s.shape))
-                for k, s in self.specs.items()
-            }
-            obj = {"state_dict": refs} if wrap else refs
-            import io
-
-            buf = io.BytesIO()
-            _RefPickler(buf, protocol=2).dump(obj)
-            self._record("data.pkl", buf.getvalue())
-        except OSError as exc:
-            self._abort()
-            raise OutputError(f"cannot create {self.path}: {exc.strerror}", hint="check the folder and free disk space") from None
-
-    def _record(self, name: str, data: bytes | memoryview) -> None:
-        info = zipfile.ZipInfo(f"archive/{name}", date_time=(1980, 1, 1, 0, 0, 0))
-        info.compress_type = zipfile.ZIP_STORED
-        size = len(data) if isinstance(data, bytes) else data.nbytes
-        zip64 = size > 0x7FFFFFFF
-        # Local header: 30 bytes + name + extra (+ 20 bytes zip64 extra). Pad the extra field so the
-        # record's data starts on a 64-byte boundary (torch's own files do the same).
-        start = self._zip.fp.tell()
-        base = 30 + len(info.filename.encode()) + (20 if zip64 else 0) + 4
-        pad = (-(start + base)) % _ALIGN
-        info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad
-        with self._zip.open(info, "w", force_zip64=zip64) as fh:
-            fh.write(data)
-
-    def _store(self, key: str, flat: torch.Tensor) -> None:
-        self._record(f"data/{self._records[key]}", memoryview(flat.view(torch.uint8).numpy()))
-
-    def _commit(self) -> None:
-        """Write the version records and close the archive. Metadata is not stored in pickles."""
-        self._record("version", b"3\n")
-        self._record("byteorder", b"little")
-        self._zip.close()
-
-    def _close_handle(self) -> None:
-        self._zip.close()
-
-
-def container_of(path: Path) -> str:
-    """``safetensors`` or ``pickle``, from the output file's extension."""
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        return "safetensors"
-    if suffix in PICKLE_SUFFIXES:
-        return "pickle"
-    raise OutputError(
-        f"{path}: cannot tell the output container from the extension {suffix or '(none)'!r}",
-        hint="name the output .safetensors, or .ckpt/.pt/.pth/.bin for a torch pickle",
-    )
-
-
-def open_writer(
-    out: Path, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str], inputs: Iterable, force: bool, wrap: bool
-):
-    """The writer for ``out``'s container (both have ``write(key, tensor)`` and ``finalize(metadata)``)."""
-    if container_of(out) == "safetensors":
-        return SafetensorsWriter(out, specs, metadata, inputs=inputs, force=force)
-    return CkptWriter(out, specs, metadata, inputs=inputs, force=force, wrap=wrap)
-
-
 # ----------------------------------------------------------------------------- prune rules
 
 # What --prune drops from a full checkpoint, and why. Anything else is kept.
@@ -576,7 +381,7 @@ def _copy(
             else:
                 dt = dtype
         specs[k] = TensorSpec(spec.shape, dt)
-    container_out = container_of(out)
+    container_out = container_for(out)
     metadata = dict(source.metadata)
     extras = getattr(source, "extras", None)
     if extras:
@@ -596,7 +401,7 @@ def _copy(
         for i, k in enumerate(kept):
             t = alphas[k] if k in alphas else source.get(k)
             if specs[k].dtype != dtypes.name_of(t.dtype) and t.is_floating_point():
-                t, n = cast_float(t, specs[k].dtype)
+                t, n = dtypes.cast(t, specs[k].dtype)
                 if n:
                     clamped.append((k, n))
             writer.write(k, t)
@@ -608,7 +413,7 @@ def _copy(
         writer.finalize(metadata if container_out == "safetensors" else None)
     if clamped:
         notes.append(
-            f"clamped {sum(n for _, n in clamped)} values in {len(clamped)} tensors to ±{float_max(dtype or 'F32'):g}"
+            f"clamped {sum(n for _, n in clamped)} values in {len(clamped)} tensors to ±{dtypes.float_max(dtype or 'F32'):g}"
         )
     return ConvertReport(
         input=str(source.path),
@@ -635,7 +440,7 @@ def _rehash_cast(metadata, source, kept, specs, alphas) -> dict[str, str]:
     for k in kept:
         t = alphas[k] if k in alphas else source.get(k)
         if t.is_floating_point():
-            t, _ = cast_float(t, specs[k].dtype)
+            t, _ = dtypes.cast(t, specs[k].dtype)
         tensors[k] = t
     return with_hashes(tensors, metadata)
 
@@ -643,7 +448,6 @@ def _rehash_cast(metadata, source, kept, specs, alphas) -> dict[str, str]:
 # ----------------------------------------------------------------------------- LoRA naming / family
 
 
-ADAPTER_TARGETS = ("kohya", "peft", "diffusers", "lora")
 PEFT_ALPHA_KEY = "loratool.lora_alpha"
 
 
@@ -770,7 +574,7 @@ def _convert_adapter(
     clamped: list[tuple[str, int]] = []
     for key, t in list(tensors.items()):
         if out_dtype and t.is_floating_point() and not key.endswith(".alpha"):
-            t, n = cast_float(t.float(), out_dtype)
+            t, n = dtypes.cast(t.float(), out_dtype)
             if n:
                 clamped.append((key, n))
             tensors[key] = t
@@ -790,7 +594,7 @@ def _convert_adapter(
             metadata[PEFT_ALPHA_KEY] = json.dumps(alphas_out, sort_keys=True)
         elif PEFT_ALPHA_KEY in source.metadata:
             metadata[PEFT_ALPHA_KEY] = source.metadata[PEFT_ALPHA_KEY]  # PEFT ↔ diffusers: the fold is unchanged
-    elif container_of(out) == "safetensors" and ("sshs_model_hash" in source.metadata or naming_in != "kohya"):
+    elif container_for(out) == "safetensors" and ("sshs_model_hash" in source.metadata or naming_in != "kohya"):
         from ..metadata import with_hashes
 
         metadata = with_hashes(tensors, metadata)
@@ -802,18 +606,18 @@ def _convert_adapter(
     if refactored:
         worst = max(m.rel_error for m in results)
         notes.append(f"{len(refactored)} modules refactored to plain LoRA (max relative error {worst:.2e})")
-    if container_of(out) == "pickle" and metadata:
+    if container_for(out) == "pickle" and metadata:
         notes.append(f"dropped {len(metadata)} metadata entries: a torch pickle has no metadata field")
     with open_writer(out, specs, metadata, [source.path], force, wrap=False) as writer:
         for key in specs:
             writer.write(key, tensors[key])
-        writer.finalize(metadata if container_of(out) == "safetensors" else None)
+        writer.finalize(metadata if container_for(out) == "safetensors" else None)
     return ConvertReport(
         input=str(source.path),
         output=str(out),
         kind="adapter",
         container_in=source.format,
-        container_out=container_of(out),
+        container_out=container_for(out),
         tensors_in=len(source.keys()),
         tensors_out=len(specs),
         bytes_out=out.stat().st_size,
@@ -926,7 +730,7 @@ def convert(
             check_output(out, [source.path], force)
             return _copy(source, out, kind, dtype, prune, force, on_progress)
         check_output(out, [source.path], force)
-        container_of(out)
+        container_for(out)
         return _convert_adapter(source, out, to, dtype, arch, force, max_rank, max_error, rel_tol, on_progress)
     if to in ("kohya", "peft", "lora"):
         raise LoratoolError(
@@ -942,7 +746,7 @@ def convert(
     if layout_change or (source.format == "diffusers"):
         return _convert_checkpoint(source, out, to or "ldm", dtype, prune, arch, force, on_progress)
     check_output(out, [source.path], force)
-    container_of(out)
+    container_for(out)
     return _copy(source, out, kind, dtype, prune, force, on_progress)
 
 
@@ -953,14 +757,9 @@ def _convert_checkpoint(source, out, to, dtype, prune, arch, force, on_progress)
             "--prune with a layout change is not supported in one step",
             hint="prune first (loratool convert IN pruned.safetensors --prune), then change the layout",
         )
-    try:
-        from ..convert_checkpoint import convert_checkpoint
-    except ImportError:
-        raise LoratoolError(
-            "full-checkpoint layout conversion (--to ldm/diffusers) is not available in this build",
-            hint="convert containers and dtypes without --to",
-        ) from None
-    if to == "ldm" and container_of(out) != "safetensors":
+    from ..convert_checkpoint import convert_checkpoint
+
+    if to == "ldm" and container_for(out) != "safetensors":
         raise OutputError(
             f"{out}: --to ldm writes a .safetensors file",
             hint="write .safetensors, then convert that file to .ckpt without --to",
@@ -969,18 +768,14 @@ def _convert_checkpoint(source, out, to, dtype, prune, arch, force, on_progress)
 
 
 __all__ = [
-    "ADAPTER_TARGETS",
     "KEEP_DTYPE_KEYS",
     "PRUNE_RULES",
     "TARGETS",
-    "CkptWriter",
     "ConvertReport",
     "ModuleResult",
     "alpha_in_dtype",
-    "cast_float",
     "classify",
     "convert",
-    "float_max",
     "lora_delta",
     "module_shape",
     "prune_reason",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,10 @@ from ..detect import detect_checkpoint
 from ..errors import LoratoolError, MappingError, listing
 from ..layouts import ARCH_LABELS, ModuleTarget, kohya_modules
 from ..layouts.naming import all_modules
-from ..metadata import with_hashes
+from ..metadata import iso_date, with_hashes
+from ..runtime import resolve_device
 from ..source import open_file
-from ..writer import check_output, save_tensors
+from ..writer import check_output, container_for, save_tensors
 from .lowrank import (
     FIXED,
     Budget,
@@ -37,7 +37,6 @@ from .lowrank import (
     clamp_quantile,
     randomized_svd,
     rank_uniform,
-    resolve_device,
     retention,
     seed_for,
     split_sqrt,
@@ -148,6 +147,7 @@ def extract_lora(
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise LoratoolError(f"rank must be at least 1 (got {rank if rank < 1 else conv_rank})", hint="e.g. --rank 32")
     tuned, base = Path(tuned), Path(base)
+    container_for(out)
     check_output(Path(out), [tuned, base], force)
     dev = resolve_device(device)
     exact = exact or isinstance(rule, SvCumulative)
@@ -210,7 +210,7 @@ def extract_lora(
             down = down.reshape(k, -1, *p.kernel)
         tensors[f"{name}.lora_up.weight"] = up.contiguous().to(want)
         tensors[f"{name}.lora_down.weight"] = down.contiguous().to(want)
-        tensors[f"{name}.alpha"] = torch.tensor(float(k), dtype=want)
+        tensors[f"{name}.alpha"] = dtypes.exact_scalar(float(k), dtype)
         stats.append(RankStats(name, p.kind, None, k, retention(p.s, k, p.total_sq), float(p.s[0]), float(p.s[k - 1])))
     if not tensors:
         raise LoratoolError(
@@ -260,7 +260,7 @@ def _metadata(arch, stats, rank, conv_rank, rule, exact, tuned: Path, base: Path
         "modelspec.architecture": f"{MODELSPEC_ARCH[arch]}/lora",
         "modelspec.implementation": "diffusers" if arch == "sd1" else "https://github.com/Stability-AI/generative-models",
         "modelspec.title": tuned.stem,
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+        "modelspec.date": iso_date(),
         "modelspec.resolution": "1024x1024" if arch == "sdxl" else "512x512",
     }
     if conv:

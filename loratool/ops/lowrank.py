@@ -320,18 +320,6 @@ def average_retained(stats) -> float:
     return sum(s.retained for s in stats) / len(stats) if stats else 1.0
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → cuda when available, else cpu; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LoratoolError("--device cuda: no CUDA GPU is available to torch", hint="use --device cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise LoratoolError(f"unknown device {device!r}", hint="use auto, cpu or cuda") from None
-
-
 def rank_uniform(values) -> str:
     """kohya's metadata convention: the common value as text, or ``Dynamic`` when modules differ."""
     values = set(values)

@@ -28,11 +28,12 @@ from .. import dtypes
 from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, scale_of, split_key
 from ..blockweights import BlockWeights
 from ..detect import detect_checkpoint
-from ..errors import LoratoolError, MappingError, listing
+from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..layouts import ARCH_LABELS
 from ..metadata import parse_json_field, with_hashes
+from ..runtime import resolve_device
 from ..source import TensorSpec
-from ..writer import SafetensorsWriter, check_output, save_tensors
+from ..writer import FolderOutput, SafetensorsWriter, check_output, container_for, open_writer, save_tensors
 from .lowrank import factored_svd
 
 Progress = Callable[[int, int, str], None]
@@ -126,16 +127,6 @@ class MergeReport:
     keys_total: int
     seconds: float
     dry_run: bool
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LoratoolError("--device cuda: no CUDA device is available", hint="use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise LoratoolError(f"unknown device {name!r}", hint="use cpu, cuda or auto")
-    return torch.device(name)
 
 
 def _scaled_rows(rows: tuple[int, int] | None, full: tuple[int, ...], actual: tuple[int, ...]) -> tuple[int, int] | None:
@@ -272,15 +263,14 @@ def merge_into_checkpoint(
     out_specs = {
         k: TensorSpec(s.shape, out_dtype if out_dtype and s.dtype in dtypes.FLOAT_NAMES else s.dtype) for k, s in specs.items()
     }
-    dev = _device(device)
+    dev = resolve_device(device)
     inputs = [base_source.path, *(ad.path for ad, _ in adapters)]
     metadata = _checkpoint_metadata(base_source, adapters, te_ratio, unet_ratio, block_weights, out_dtype)
     total = len(specs)
-    writers = _open_writers(Path(out), base_source, out_specs, metadata, inputs, force, folder=match.naming == "diffusers")
-    files = list({id(w): w for w, _ in writers.values()}.values())
-    with ExitStack() as stack:
-        for fw in files:
-            stack.enter_context(fw)  # any exception removes every temporary file
+    with ExitStack() as stack:  # any exception (or SIGTERM) removes every temporary file and folder
+        writers = _open_writers(stack, Path(out), base_source, out_specs, metadata, inputs, force,
+                                folder=match.naming == "diffusers")
+        files = list({id(w): w for w, _ in writers.values()}.values())
         for n, key in enumerate(specs, 1):
             tensor = base_source.get(key)
             if key in by_key:
@@ -298,7 +288,7 @@ def merge_into_checkpoint(
             if on_progress:
                 on_progress(n, total, key)
         for fw in files:
-            fw.finalize()
+            fw.finalize(fw.metadata if isinstance(fw, SafetensorsWriter) else None)
     path = Path(out)
     return MergeReport(
         str(path), match.arch, match.naming, names, tuple(plan), tuple(unmapped), changed, total,
@@ -309,17 +299,26 @@ def merge_into_checkpoint(
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
-def _open_writers(out: Path, base_source, out_specs, metadata, inputs, force: bool, folder: bool):
-    """key → (writer, name in that writer's file). One file for a single-file base; for a diffusers folder,
-    one file per component (``unet/diffusion_pytorch_model.safetensors``...) plus copies of its config files."""
+def _open_writers(stack: ExitStack, out: Path, base_source, out_specs, metadata, inputs, force: bool, folder: bool):
+    """key → (writer, name in that writer's file), every writer entered on ``stack``. One file for a
+    single-file base (container from ``out``'s extension); for a diffusers base, an atomic folder with one
+    file per component (``unet/diffusion_pytorch_model.safetensors``...) plus copies of its config files."""
+    kind = container_for(out, folder_ok=True)
     if not folder:
-        w = SafetensorsWriter(out, out_specs, metadata, inputs=inputs, force=force)
+        if kind == "folder":
+            raise OutputError(f"{out}: merging into a single-file checkpoint writes a file",
+                              hint="name it .safetensors (or .ckpt); convert it to a diffusers folder afterwards")
+        w = stack.enter_context(open_writer(out, out_specs, metadata, inputs=inputs, force=force, wrap=True))
         return {k: (w, k) for k in out_specs}
-    check_output(out, inputs, force)
+    if kind != "folder":
+        raise OutputError(f"{out}: merging into a diffusers folder writes a folder",
+                          hint="name the output without an extension; convert it to a single file afterwards")
+    target = stack.enter_context(FolderOutput(out, inputs, force))
+    root = target.tmp
     base_dir = Path(base_source.path)
     for f in sorted(base_dir.rglob("*")):
         if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
-            dest = out / f.relative_to(base_dir)
+            dest = root / f.relative_to(base_dir)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(f, dest)
     by_comp: dict[str, dict[str, TensorSpec]] = {}
@@ -329,8 +328,8 @@ def _open_writers(out: Path, base_source, out_specs, metadata, inputs, force: bo
     writers = {}
     for comp, specs in sorted(by_comp.items()):
         fname = "diffusion_pytorch_model.safetensors" if comp in ("unet", "vae") else "model.safetensors"
-        (out / comp).mkdir(parents=True, exist_ok=True)
-        w = SafetensorsWriter(out / comp / fname, specs, metadata, inputs=inputs, force=True)
+        (root / comp).mkdir(parents=True, exist_ok=True)
+        w = stack.enter_context(SafetensorsWriter(root / comp / fname, specs, metadata))
         for name in specs:
             writers[f"{comp}/{name}"] = (w, name)
     return writers
@@ -458,7 +457,8 @@ def merge_adapters(
         raise LoratoolError(f"unknown --mode {mode!r}", hint="use concat or svd")
     if mode == "svd" and (rank is None or rank < 1):
         raise LoratoolError("--mode svd needs --rank N (N ≥ 1)", hint="e.g. --mode svd --rank 32")
-    dev = _device(device)
+    dev = resolve_device(device)
+    container_for(out)
     check_output(Path(out), [ad.path for ad, _ in adapters], force)
     first_dtype = next(iter(next(iter(adapters[0][0].modules.values())).tensors.values())).dtype
     out_dtype = dtypes.to_torch(dtypes.parse_cli(dtype)) if dtype else first_dtype
@@ -503,7 +503,7 @@ def merge_adapters(
         conv = len(tail) > 1
         tensors[f"{name}.lora_down.weight"] = down.reshape(r, *tail).to("cpu", out_dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = (up.reshape(up.shape[0], r, 1, 1) if conv else up).to("cpu", out_dtype).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(float(r), dtype=out_dtype)
+        tensors[f"{name}.alpha"] = dtypes.exact_scalar(float(r), dtypes.name_of(out_dtype))
         results.append(ModuleResult(name, r, err, len(tail) == 3 and tuple(tail[1:]) != (1, 1)))
         if on_progress:
             on_progress(step, len(names), name)

@@ -21,8 +21,9 @@ from .. import dtypes
 from ..adapters import FAMILIES, AdapterModule, load_adapter, scale_of
 from ..errors import DetectionError, LoratoolError
 from ..metadata import with_hashes
+from ..runtime import resolve_device
 from ..source import open_file
-from ..writer import check_output, save_tensors
+from ..writer import check_output, container_for, save_tensors
 from .lowrank import (
     FIXED,
     Budget,
@@ -33,7 +34,6 @@ from .lowrank import (
     choose_rank,
     factored_svd,
     rank_uniform,
-    resolve_device,
     retention,
     split_sqrt,
 )
@@ -93,7 +93,7 @@ def lora_factors(module: AdapterModule) -> AdapterModule:
             hint="convert it first: loratool convert FILE.safetensors FILE-lora.safetensors --to lora",
         )
     down, up, alpha, _ = to_lora_factors(module, rel_tol=1e-6)
-    return AdapterModule(module.target, "lora", {"down": down, "up": up, "alpha": torch.tensor(alpha)})
+    return AdapterModule(module.target, "lora", {"down": down, "up": up, "alpha": torch.tensor(alpha, dtype=torch.float64)})
 
 
 def _flatten(module: AdapterModule) -> _Flat:
@@ -146,6 +146,7 @@ def resize_lora(
         raise LoratoolError(f"rank must be at least 1 (got {rank if rank < 1 else conv_rank})", hint="e.g. --rank 16")
     conv_rank = rank if conv_rank is None else conv_rank
     path = Path(path)
+    container_for(out)
     check_output(Path(out), [path], force)
     dev = resolve_device(device)
     with open_file(path) as source:
@@ -196,7 +197,7 @@ def resize_lora(
             down = down.reshape(k, -1, *f.kernel)
         tensors[f"{name}.lora_up.weight"] = up.contiguous().to(want)
         tensors[f"{name}.lora_down.weight"] = down.contiguous().to(want)
-        tensors[f"{name}.alpha"] = torch.tensor(f.scale * k, dtype=want)
+        tensors[f"{name}.alpha"] = dtypes.exact_scalar(f.scale * k, out_dtype)
         stats.append(
             RankStats(name, _kind(f), int(f.up.shape[1]), k, retention(s, k), float(s[0]) * f.scale, float(s[k - 1]) * f.scale)
         )
