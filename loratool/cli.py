@@ -4,6 +4,7 @@ and is imported only when it runs, so ``loratool inspect`` never imports the tra
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -36,17 +37,49 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="loratool")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Print the traceback of internal errors (bugs).")
+def cli(debug: bool) -> None:
     """One tool for Stable Diffusion checkpoints and LoRAs (SD1.x, SD2.x, SDXL).
 
     Inputs are never modified; outputs are written to a temporary file and renamed.
     """
 
 
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP, raised where Python next runs so every temporary output is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _install_signal_handlers() -> dict:
+    """TERM and HUP unwind like Ctrl-C (writers and folder outputs delete their temporary files)."""
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                previous[sig] = signal.signal(sig, _raise_terminated)
+            except ValueError:  # not the main thread (embedded use): leave the handlers alone
+                pass
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI and turn :class:`LoratoolError` into one line + hint, exit code 2."""
+    """Entry point: run the CLI; bad input → one line + hint, exit 2; a bug → exit 1 ("please report").
+
+    ``--debug`` (before the command) prints the traceback of internal errors.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args[: next((i for i, a in enumerate(args) if a in COMMANDS), len(args))]
+    previous = _install_signal_handlers()
     try:
-        cli.main(args=argv, prog_name="loratool", standalone_mode=False)
+        cli.main(args=args, prog_name="loratool", standalone_mode=False)
     except LoratoolError as exc:
         from .render.common import print_error
 
@@ -55,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         return 130
+    except Terminated as exc:
+        click.echo(f"Terminated by signal {exc.signum}; no output was written.", err=True)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         click.echo("Interrupted; no output was written.", err=True)
         return 130
@@ -63,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug in loratool, never the user's fault
+        from .render.common import print_internal_error
+
+        print_internal_error(exc, debug)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -227,21 +227,28 @@ class CLIPTokenizer:
     framed by ``<|startoftext|>`` / ``<|endoftext|>`` and padded with ``<|endoftext|>`` to 77.
     """
 
-    def __init__(self, folder: str | Path, max_length: int = 77):
-        folder = Path(folder)
-        vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
-        for p in (vocab_path, merges_path):
-            if not p.is_file():
-                raise LoratoolError(f"{p}: not found", hint="--tokenizer takes a folder with CLIP's vocab.json and merges.txt")
-        self.vocab: dict[str, int] = json.loads(vocab_path.read_text(encoding="utf-8"))
-        lines = merges_path.read_text(encoding="utf-8").splitlines()
-        pairs = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    def __init__(self, folder: str | Path | None = None, max_length: int = 77):
+        if folder is None:  # the CLIP vocabulary shipped with loratool
+            from .assets import clip_merges, clip_vocab
+
+            self.vocab = dict(clip_vocab())
+            pairs: list[tuple[str, ...]] = list(clip_merges())
+        else:
+            folder = Path(folder)
+            vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+            for p in (vocab_path, merges_path):
+                if not p.is_file():
+                    raise LoratoolError(f"{p}: not found",
+                                        hint="--tokenizer takes a folder with CLIP's vocab.json and merges.txt")
+            self.vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+            lines = merges_path.read_text(encoding="utf-8").splitlines()
+            pairs = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         self.ranks = {p: i for i, p in enumerate(pairs) if len(p) == 2}
         self.max_length = max_length
         try:
             self.bos, self.eos = self.vocab["<|startoftext|>"], self.vocab["<|endoftext|>"]
         except KeyError as exc:
-            raise LoratoolError(f"{vocab_path}: no {exc.args[0]} token", hint="is this CLIP's vocab.json?") from None
+            raise LoratoolError(f"{folder}: no {exc.args[0]} token", hint="is this CLIP's vocab.json?") from None
 
     def bpe(self, word: str) -> list[str]:
         """Merge the characters of one pre-split word by merge rank; returns the final symbols."""
@@ -285,17 +292,15 @@ class CLIPTokenizer:
 
 
 def make_tokenizer(vocab_size: int, folder: str | Path | None = None, max_length: int = 77) -> HashTokenizer | CLIPTokenizer:
-    """CLIP BPE when ``folder`` is given (its vocabulary must fit the text encoder), else :class:`HashTokenizer`.
+    """CLIP BPE from ``folder``; without one, the bundled CLIP BPE for a text encoder with CLIP's real
+    vocabulary (49408 ids), else word hashing (:class:`HashTokenizer`, for the tiny base).
 
     Raises:
-        LoratoolError: no ``folder`` for a text encoder with CLIP's real vocabulary size (49408).
+        LoratoolError: ``folder``'s vocabulary has more ids than the text encoder.
     """
     if folder is None:
         if vocab_size == CLIP_VOCAB_SIZE:
-            raise LoratoolError(
-                "this text encoder has CLIP's full vocabulary: word hashing would feed it meaningless tokens",
-                hint="pass --tokenizer DIR with the checkpoint's CLIP vocab.json and merges.txt",
-            )
+            return CLIPTokenizer(None, max_length)
         return HashTokenizer(vocab_size, max_length)
     tok = CLIPTokenizer(folder, max_length)
     if max(tok.vocab.values()) >= vocab_size:

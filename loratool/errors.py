@@ -42,6 +42,10 @@ class OutputError(LoratoolError):
     """The output path is unusable: exists without --force, equals an input, cannot be written."""
 
 
+class InternalError(Exception):
+    """An invariant of loratool's own code failed: a bug, not bad input (exit code 1, "please report")."""
+
+
 def listing(keys, limit: int = 8) -> str:
     """Render a few keys for an error message: ``a, b, c (+12 more)``."""
     keys = list(keys)

@@ -406,6 +406,13 @@ class PickleSource(_SourceBase):
         if self.path.stat().st_size == 0:
             raise FormatError(f"{self.path}: file is empty", hint="download it again")
         if not zipfile.is_zipfile(self.path):
+            with open(self.path, "rb") as fh:
+                head = fh.read(4)
+            if head == b"PK\x03\x04":  # a zip's first record, but no end-of-archive record: cut short
+                raise FormatError(
+                    f"{self.path}: the zip archive is truncated (its end-of-archive record is missing)",
+                    hint="the download or copy stopped early; get the file again",
+                )
             raise FormatError(
                 f"{self.path}: not a zip-format torch file (legacy or raw pickles are not read)",
                 hint="re-save it with torch >= 1.6 in a trusted environment, or use a .safetensors release",

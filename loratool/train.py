@@ -48,8 +48,6 @@ from .runtime import resolve_device, threads
 from .source import open_file
 from .writer import SafetensorsWriter, check_output, container_for, open_writer, save_tensors
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
 
 class LoRAModule(nn.Module):
     """A frozen ``nn.Linear`` / ``nn.Conv2d`` plus a trainable low-rank ΔW.
@@ -179,7 +177,8 @@ class TrainOptions:
 class TrainResult:
     output: Path
     steps: int
-    epochs: int
+    epochs: float  # passes over the data: steps / batches per epoch (16 steps of 34 batches = 0.47)
+    batches_per_epoch: int
     losses: list[float]
     eval_loss_before: float
     eval_loss_after: float
@@ -362,8 +361,8 @@ def train(opts: TrainOptions, on_step: Callable[[int, int, float], None] | None 
     """
     if opts.rank <= 0 and not opts.full:
         raise LoratoolError(f"--rank {opts.rank}: must be positive", hint="typical ranks are 4 to 128")
-    if opts.save_dtype is not None and opts.save_dtype not in SAVE_DTYPES:
-        raise LoratoolError(f"--save-dtype {opts.save_dtype}: unknown", hint="use fp16, bf16 or fp32")
+    if opts.save_dtype:
+        dtypes.parse_cli(opts.save_dtype)
     container_for(opts.output)
     check_output(Path(opts.output), [opts.base, opts.data] + ([opts.reg_data] if opts.reg_data else []), opts.force)
     device = resolve_device(opts.device)
@@ -429,13 +428,15 @@ def _train(
     if opts.full:
         meta = {"loratool.trained": json.dumps({k: meta[k] for k in ("ss_steps", "ss_learning_rate", "ss_seed",
                                                                         "ss_sd_model_name", "ss_tag_frequency")})}
-        dtype = SAVE_DTYPES[opts.save_dtype] if opts.save_dtype else None
-        out = write_full_checkpoint(model, opts.base, opts.output, meta, dtype, opts.force)
+        save_dtype = dtypes.to_torch(dtypes.parse_cli(opts.save_dtype)) if opts.save_dtype else None
+        out = write_full_checkpoint(model, opts.base, opts.output, meta, save_dtype, opts.force)
     else:
-        tensors = lora_tensors(modules, SAVE_DTYPES[opts.save_dtype or "fp16"])
+        tensors = lora_tensors(modules, dtypes.to_torch(dtypes.parse_cli(opts.save_dtype or "fp16")))
         meta = with_hashes(tensors, meta)
         out = save_tensors(opts.output, tensors, meta, inputs=[opts.base], force=opts.force)
-    return TrainResult(out, step, epoch, losses, eval_before, eval_after, num_images, num_reg, buckets, len(modules), meta)
+    epochs = round(step / max(1, batches_per_epoch), 2)
+    return TrainResult(out, step, epochs, batches_per_epoch, losses, eval_before, eval_after, num_images, num_reg, buckets,
+                       len(modules), meta)
 
 
 def write_full_checkpoint(

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from . import dtypes
-from .errors import LoratoolError, OutputError
+from .errors import InternalError, OutputError
 from .source import PICKLE_SUFFIXES, TensorSpec
 
 _RESERVE_EXTRA = 64 * 1024
@@ -145,17 +145,17 @@ class StreamingOutput:
     def _prepare(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """Check a planned tensor and return it flat, contiguous, on the CPU, in the planned dtype."""
         if key not in self.specs:
-            raise LoratoolError(f"internal: tensor {key!r} was not planned for {self.path}")
+            raise InternalError(f"tensor {key!r} was not planned for {self.path}")
         if key in self._written:
-            raise LoratoolError(f"internal: tensor {key!r} written twice to {self.path}")
+            raise InternalError(f"tensor {key!r} written twice to {self.path}")
         spec = self.specs[key]
         if tuple(tensor.shape) != spec.shape:
-            raise LoratoolError(f"internal: tensor {key!r} has shape {tuple(tensor.shape)}, planned {spec.shape}")
+            raise InternalError(f"tensor {key!r} has shape {tuple(tensor.shape)}, planned {spec.shape}")
         t, n = dtypes.cast(tensor.detach(), spec.dtype)
         if n:
             self.clamped[key] = n
         if t.dtype != dtypes.to_torch(spec.dtype):
-            raise LoratoolError(f"internal: tensor {key!r} is {t.dtype}, planned {spec.dtype}")
+            raise InternalError(f"tensor {key!r} is {t.dtype}, planned {spec.dtype}")
         return t.to("cpu").contiguous().reshape(-1)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -172,7 +172,7 @@ class StreamingOutput:
         missing = [k for k in self.specs if k not in self._written]
         if missing:
             self._abort()
-            raise LoratoolError(f"internal: {len(missing)} planned tensors never written, e.g. {missing[0]}")
+            raise InternalError(f"{len(missing)} planned tensors never written, e.g. {missing[0]}")
         if metadata is not None:
             self.metadata = {str(k): str(v) for k, v in metadata.items()}
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from loratool.layouts import checkpoint_layout
 from loratool.model import build_model, infer_config, load_model, schedule_tensors, tiny_specs
 from loratool.model.unet import timestep_embedding
 from loratool.source import open_file
+
+TINY_BASE = Path(__file__).resolve().parent.parent / "loratool" / "assets" / "tiny-sd1.safetensors"
 
 
 def test_real_sd15_shapes_on_meta_device():
@@ -26,14 +29,14 @@ def test_real_sd15_shapes_on_meta_device():
     assert {k: tuple(v.shape) for k, v in sd.items()} == {k: layout[k].shape for k in sd}
 
 
-def test_tiny_fixture_is_an_sd1_checkpoint(fixtures):
-    src = open_file(fixtures / "tiny-sd1.safetensors")
+def test_tiny_fixture_is_an_sd1_checkpoint():
+    src = open_file(TINY_BASE)
     specs = {k: src.spec(k) for k in src.keys()}
     assert set(specs) == set(checkpoint_layout("sd1", "ldm"))
     assert {k: s.shape for k, s in specs.items()} == {k: s.shape for k, s in tiny_specs().items()}
     match = detect_checkpoint(specs)
     assert (match.arch, match.naming) == ("sd1", "ldm")
-    model = load_model(fixtures / "tiny-sd1.safetensors")
+    model = load_model(TINY_BASE)
     for k, v in model.state_dict().items():
         assert torch.equal(v, src.get(k).to(v.dtype)), k
 
@@ -80,7 +83,7 @@ needs_links = pytest.mark.skipif(
 def test_unet_matches_diffusers(fixtures):
     from diffusers import UNet2DConditionModel
 
-    model = load_model(fixtures / "tiny-sd1.safetensors")
+    model = load_model(TINY_BASE)
     cfg = model.cfg.unet
     ref = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=cfg.num_res_blocks,
@@ -106,7 +109,7 @@ def test_unet_matches_diffusers(fixtures):
 def test_vae_matches_diffusers(fixtures):
     from diffusers import AutoencoderKL
 
-    model = load_model(fixtures / "tiny-sd1.safetensors")
+    model = load_model(TINY_BASE)
     cfg = model.cfg.vae
     n = len(cfg.channel_mult)
     ref = AutoencoderKL(
@@ -128,7 +131,7 @@ def test_vae_matches_diffusers(fixtures):
 def test_text_encoder_matches_transformers(fixtures):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    model = load_model(fixtures / "tiny-sd1.safetensors")
+    model = load_model(TINY_BASE)
     cfg = model.cfg.text
     ref = CLIPTextModel(CLIPTextConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.layers,

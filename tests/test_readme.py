@@ -27,6 +27,7 @@ def test_readme_starts_with_the_two_setup_commands():
 
 def test_readme_examples_run(tmp_path, monkeypatch):
     (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
+    (tmp_path / "loratool").symlink_to(ROOT / "loratool")  # the shipped assets (tiny dataset)
     monkeypatch.chdir(tmp_path)
     examples = _examples()
     assert len(examples) >= 10

@@ -16,8 +16,7 @@ from loratool.sample import LoraRef, apply_lora, ddim_timesteps, parse_prompt, p
 from loratool.synth import make_lora
 from loratool.writer import save_tensors
 
-FIX = Path(__file__).resolve().parent.parent / "fixtures"
-BASE = FIX / "tiny-sd1.safetensors"
+BASE = Path(__file__).resolve().parent.parent / "loratool" / "assets" / "tiny-sd1.safetensors"
 
 
 

@@ -19,9 +19,9 @@ from loratool.sample import apply_lora
 from loratool.source import open_file
 from loratool.train import LoRAModule, TrainOptions, inject_lora, train
 
-FIX = Path(__file__).resolve().parent.parent / "fixtures"
-BASE = FIX / "tiny-sd1.safetensors"
-DATA = FIX / "tiny_dataset"
+ASSETS = Path(__file__).resolve().parent.parent / "loratool" / "assets"
+BASE = ASSETS / "tiny-sd1.safetensors"
+DATA = ASSETS / "tiny_dataset"
 
 
 

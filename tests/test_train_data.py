@@ -93,10 +93,25 @@ def test_hash_tokenizer_frames_and_is_stable():
     assert len(tok(" ".join(["word"] * 200))) == 77
 
 
-def test_real_clip_vocab_needs_a_tokenizer():
-    with pytest.raises(LoratoolError, match="full vocabulary") as info:
-        make_tokenizer(49408)
-    assert "--tokenizer" in info.value.hint
+def test_real_clip_vocab_uses_the_bundled_clip_bpe():
+    tok = make_tokenizer(49408)
+    assert isinstance(tok, CLIPTokenizer) and len(tok.vocab) == 49408
+    # ids of OpenAI CLIP's tokenizer, as every SD1 prompt log shows them
+    assert tok("a photo of a cat")[:7] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tok.vocab["<|startoftext|>"] == 49406 and tok.vocab["<|endoftext|>"] == 49407
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_bundled_clip_tokenizer_folder_loads_in_transformers(tmp_path):
+    from transformers import CLIPTokenizer as Reference
+
+    from loratool.assets import write_clip_tokenizer
+
+    write_clip_tokenizer(tmp_path)
+    ref = Reference.from_pretrained(str(tmp_path), local_files_only=True)
+    ours = make_tokenizer(49408)
+    for text in ["a photo of a cat", "masterpiece, best quality, 1girl, <lora:x:0.8>", "naïve café 日本 x__y 3.14"]:
+        assert ours(text) == ref(text, padding="max_length", max_length=77)["input_ids"], text
 
 
 def _write_vocab(folder: Path, symbols: list[str], merges: list[str]) -> dict[str, int]:

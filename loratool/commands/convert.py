@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-DTYPES = ["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]
+from . import options as opt
 
 
 @click.command("convert")
@@ -18,9 +18,9 @@ DTYPES = ["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]
     type=click.Choice(["kohya", "peft", "diffusers", "ldm", "lora"]),
     help="LoRA naming (kohya, peft, diffusers), plain LoRA from LyCORIS (lora), or checkpoint layout (ldm, diffusers).",
 )
-@click.option("--dtype", type=click.Choice(DTYPES), help="Cast float tensors; integer tensors are never touched.")
+@opt.dtype("Cast float tensors (clamped to the format's range); integer tensors are never touched.")
 @click.option("--prune", is_flag=True, help="Drop EMA weights and training-only state from a full checkpoint.")
-@click.option("--arch", type=click.Choice(["sd1", "sd2", "sdxl"]), help="Force the architecture instead of detecting it.")
+@opt.arch()
 @click.option("--max-rank", type=click.IntRange(min=1), help="LyCORIS → LoRA: cap the output rank (default: exact rank).")
 @click.option(
     "--max-error",
@@ -29,8 +29,8 @@ DTYPES = ["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]
     show_default=True,
     help="LyCORIS → LoRA: refuse when a module's relative ΔW error exceeds this.",
 )
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (never an input).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as stable JSON on stdout.")
+@opt.force()
+@opt.json_output("loratool.convert/1")
 def command(
     src: Path,
     out: Path,
@@ -51,7 +51,6 @@ def command(
     loratool convert loha.safetensors lora.safetensors --to lora
     loratool convert model.safetensors model-folder --to diffusers
     """
-    from ..dtypes import parse_cli
     from ..ops.convert import convert
     from ..render import convert as render
     from ..source import open_file
@@ -63,7 +62,7 @@ def command(
                 source,
                 out,
                 to=to,
-                dtype=parse_cli(dtype) if dtype else None,
+                dtype=dtype,
                 prune=prune,
                 arch=arch,
                 force=force,

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import click
 
-from .resize import RULE_HELP, parse_dtype_option, parse_rule_option
+from . import options as opt
+from .resize import RULE_HELP, parse_rule_option
 
 
 @click.command("extract")
 @click.argument("tuned", type=click.Path(path_type=Path, exists=True))
 @click.argument("base", type=click.Path(path_type=Path, exists=True))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output .safetensors file.")
+@opt.output("Output LoRA: .safetensors, or .ckpt/.pt/.pth/.bin for a torch pickle.")
 @click.option("--rank", required=True, type=int, help="Rank of linear / 1x1 modules (the largest rank for dynamic rules).")
 @click.option("--conv-rank", type=int, help="Rank of 3x3 conv modules; without it they are left out (kohya's default).")
 @click.option("--rule", default="fixed", callback=parse_rule_option, help=RULE_HELP)
@@ -21,11 +22,11 @@ from .resize import RULE_HELP, parse_dtype_option, parse_rule_option
 @click.option("--exact", is_flag=True, help="Exact SVD instead of the seeded randomized SVD.")
 @click.option("--all-layers", is_flag=True, help="Every adaptable Linear/Conv, not only kohya's default network.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the randomized SVD.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda: where ΔW and the SVDs live (float32).")
-@click.option("--dtype", default="fp16", show_default=True, callback=parse_dtype_option, help="Output dtype (fp16, bf16, fp32).")
-@click.option("--arch", type=click.Choice(["sd1", "sd2", "sdxl"]), help="Force the architecture instead of detecting it.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Stable JSON report on stdout (schema loratool.extract/1).")
+@opt.device("Where ΔW and the SVDs live (float32): auto picks CUDA when available.")
+@click.option("--dtype", "dtype", type=opt.DtypeParam(), default="fp16", show_default=True, help="Output dtype of the factors.")
+@opt.arch()
+@opt.force()
+@opt.json_output("loratool.extract/1")
 @click.option("-v", "--verbose", is_flag=True, help="List every module's retention, not only the 5 lowest.")
 def command(
     tuned, base, out, rank, conv_rank, rule, clamp, min_diff, exact, all_layers, seed, device, dtype, arch, force, as_json,

@@ -25,18 +25,29 @@ def command(files: tuple[Path, ...], as_json: bool, keys: bool, stats: bool, arc
 
     Reads only the header unless --stats, --keys or hashes ask for more.
     """
+    from ..errors import LoratoolError
     from ..inspection import inspect_source
     from ..render import inspect as render
-    from ..render.common import progress
+    from ..render.common import print_error, progress
     from ..source import open_file
 
-    reports = []
+    reports, failed = [], []
     for f in files:
-        with open_file(f) as source:
-            total = len(source.keys())
-            with progress(f"checking {f.name}", total, enabled=stats and not as_json) as advance:
-                reports.append(inspect_source(source, arch=arch, hashes=hashes, keys=keys, stats=stats, progress=advance))
+        try:
+            with open_file(f) as source:
+                total = len(source.keys())
+                with progress(f"checking {f.name}", total, enabled=stats and not as_json) as advance:
+                    reports.append(inspect_source(source, arch=arch, hashes=hashes, keys=keys, stats=stats, progress=advance))
+        except LoratoolError as exc:  # report the other files, then fail
+            failed.append(exc)
     if as_json:
         render.render_json(reports)
     else:
         render.render(reports)
+    for exc in failed[:-1]:
+        print_error(exc)
+    if failed:
+        last = failed[-1]
+        if len(failed) > 1 or reports:
+            last.hint = (last.hint + "; " if last.hint else "") + f"{len(reports)} of {len(files)} files inspected"
+        raise last

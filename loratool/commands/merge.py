@@ -2,28 +2,28 @@
 
 import click
 
-from ..dtypes import CLI_NAMES
+from . import options as opt
 
 
 @click.command("merge")
 @click.argument("base")
 @click.argument("loras", nargs=-1)
-@click.option("-o", "--out", "out", type=click.Path(dir_okay=False), help="Output .safetensors file.")
-@click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(sorted(CLI_NAMES)), help="Output dtype of float tensors (default: keep).")
+@opt.output("Output: .safetensors or .ckpt/.pt/.pth/.bin (a folder name for a diffusers base).", required=False)
+@opt.force()
+@opt.device()
+@opt.dtype("Output dtype of float tensors (clamped to its range). [default: keep each tensor's]")
 @click.option("--te-ratio", type=float, default=1.0, show_default=True, help="Multiplies every ratio for text-encoder modules.")
 @click.option("--unet-ratio", type=float, default=1.0, show_default=True, help="Multiplies every ratio for UNet modules.")
 @click.option("--lbw", help="LoRA Block Weight preset (OUTALL...) or comma list (17/26 numbers SD1/SD2, 12/20 SDXL).")
 @click.option("--dry-run", is_flag=True, help="Show which module goes to which weight; write nothing.")
 @click.option("--allow-unmapped", is_flag=True, help="Skip (and list) adapter keys that map to no weight.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge adapters even if they hold NaN/Inf values.")
-@click.option("--arch", type=click.Choice(["sd1", "sd2", "sdxl"]), help="Force the architecture instead of detecting it.")
+@opt.arch()
 @click.option("--lora-dir", type=click.Path(file_okay=False), help="Folder for <lora:NAME:RATIO> arguments.")
 @click.option("--into-lora", is_flag=True, help="BASE is a LoRA too: merge all adapters into one LoRA.")
 @click.option("--mode", type=click.Choice(["concat", "svd"]), default="concat", show_default=True, help="LoRA+LoRA merge method.")
 @click.option("--rank", type=int, help="Rank of the --mode svd result.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@opt.json_output("loratool.merge/1")
 def command(base, loras, out, force, device, dtype, te_ratio, unet_ratio, lbw, dry_run, allow_unmapped, allow_nonfinite, arch,
             lora_dir, into_lora, mode, rank, as_json) -> None:
     """Merge LORA[:RATIO]... (ratio default 1.0, negative allowed; or "<lora:NAME:0.8>") into BASE.
@@ -49,11 +49,12 @@ def command(base, loras, out, force, device, dtype, te_ratio, unet_ratio, lbw, d
                 raise
             return load_adapter(open_file(path), arch=fallback_arch, allow_unmapped=True), ratio
 
-    source = open_file(ops.parse_adapter_arg(base, lora_dir)[0])
+    base_path, _ = ops.parse_adapter_arg(base, lora_dir)
+    source = open_file(base_path)
     if into_lora or ops.looks_like_adapter(source.keys()):
         adapters = [adapter(base), *(adapter(a) for a in loras)]
         if not out or dry_run:
-            raise LoratoolError("LoRA+LoRA merges need -o/--out and take no --dry-run", hint="e.g. -o merged.safetensors")
+            raise LoratoolError("LoRA+LoRA merges need -o/--output and take no --dry-run", hint="e.g. -o merged.safetensors")
         block_weights = parse_block_weights(lbw, adapters[0][0].arch) if lbw else None
         with render.progress_callback("merging LoRAs", not as_json) as cb:
             report = ops.merge_adapters(
@@ -62,10 +63,15 @@ def command(base, loras, out, force, device, dtype, te_ratio, unet_ratio, lbw, d
                 on_progress=cb,
             )
         return render.adapter_report(report, as_json)
+    if str(base_path) != base.strip():
+        raise LoratoolError(
+            f"{base!r}: the base checkpoint takes no ratio (only the LoRAs after it do)",
+            hint=f"write loratool merge {base_path} LORA:RATIO ... -o OUT",
+        )
     if not loras:
         raise LoratoolError("no LoRA to merge", hint="loratool merge BASE LORA[:RATIO]... -o OUT")
     if not out and not dry_run:
-        raise LoratoolError("missing -o/--out", hint="name the output checkpoint, or use --dry-run")
+        raise LoratoolError("missing -o/--output", hint="name the output checkpoint, or use --dry-run")
     fallback_arch = detect_checkpoint(source.specs(), arch).arch
     adapters = [adapter(a) for a in loras]
     block_weights = parse_block_weights(lbw, adapters[0][0].arch) if lbw else None

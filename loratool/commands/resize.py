@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from . import options as opt
+
 RULE_HELP = (
     "Rank rule: fixed (default), sv_ratio:X (keep σ ≥ σmax/X), sv_fro:X (keep share X of the Frobenius norm), "
     "sv_cumulative:X (share X of Σσ), size:MB or params:N (one budget for the whole file). --rank caps every rule."
@@ -18,23 +20,17 @@ def parse_rule_option(ctx, param, value):
     return parse_rule(value)
 
 
-def parse_dtype_option(ctx, param, value):
-    from ..dtypes import parse_cli
-
-    return None if value is None else parse_cli(value)
-
-
 @click.command("resize")
 @click.argument("lora", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output .safetensors file.")
+@opt.output("Output LoRA: .safetensors, or .ckpt/.pt/.pth/.bin for a torch pickle.")
 @click.option("--rank", required=True, type=int, help="New rank (the largest rank for dynamic rules).")
 @click.option("--conv-rank", type=int, help="New rank of 3x3 conv modules (default: --rank).")
 @click.option("--rule", default="fixed", callback=parse_rule_option, help=RULE_HELP)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda: where the SVDs run (float32).")
-@click.option("--dtype", callback=parse_dtype_option, help="Output dtype (fp16, bf16, fp32). Default: the input's.")
-@click.option("--arch", type=click.Choice(["sd1", "sd2", "sdxl"]), help="Force the architecture instead of detecting it.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Stable JSON report on stdout (schema loratool.resize/1).")
+@opt.device("Where the SVDs run (float32): auto picks CUDA when available.")
+@opt.dtype("Output dtype of the factors. [default: the input's]")
+@opt.arch()
+@opt.force()
+@opt.json_output("loratool.resize/1")
 @click.option("-v", "--verbose", is_flag=True, help="List every module's retention, not only the 5 lowest.")
 def command(lora, out, rank, conv_rank, rule, device, dtype, arch, force, as_json, verbose) -> None:
     """Resize LORA to a new rank. ΔW = up·down is decomposed exactly from the factors

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from . import options as opt
+
 
 @click.command("sample")
 @click.option("--base", type=click.Path(path_type=Path), help="SD1 single-file checkpoint. [default: the bundled tiny base]")
@@ -18,10 +20,11 @@ import click
 @click.option("--seed", default=0, show_default=True)
 @click.option("--size", help="WIDTHxHEIGHT or one side, multiples of 64. [default: 512; 128 for the tiny base]")
 @click.option("--tokenizer", type=click.Path(path_type=Path, file_okay=False), help="Folder with CLIP vocab.json + merges.txt.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
-@click.option("--force", is_flag=True, help="Replace an existing output.")
+@opt.device()
+@opt.force()
 def command(base, prompt, negative, lora_dir, output, steps, guidance, seed, size, tokenizer, device, force) -> None:
     """Generate an image with DDIM (seeded); LoRAs in the prompt are merged into the weights in memory."""
+    from ..assets import tiny_base
     from ..data import make_tokenizer
     from ..model import load_model
     from ..render.train import sample_report
@@ -29,9 +32,8 @@ def command(base, prompt, negative, lora_dir, output, steps, guidance, seed, siz
     from ..sample import apply_lora, find_lora, generate, parse_prompt, parse_size, save_png
     from ..train import cpu_threads, default_resolution
     from ..writer import check_output
-    from .train import bundled_base
 
-    base = base or bundled_base()
+    base = base or tiny_base()
     text, refs = parse_prompt(prompt)
     paths = [(r, find_lora(r.name, lora_dir)) for r in refs]
     check_output(output, [base, *(p for _, p in paths)], force)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from . import options as opt
+
 _PATH = click.Path(path_type=Path)
 
 
@@ -13,7 +15,7 @@ _PATH = click.Path(path_type=Path)
 @click.option("--base", type=_PATH, default=None, help="SD1 single-file checkpoint. [default: the bundled tiny base]")
 @click.option("--data", type=_PATH, required=True, help="Folder of N_identifier class/ subfolders (N repeats).")
 @click.option("--reg-data", type=_PATH, help="Regularisation images, same folder layout (prior preservation).")
-@click.option("-o", "--output", type=_PATH, required=True, help="Output .safetensors file.")
+@opt.output("Output: .safetensors, or .ckpt/.pt/.pth/.bin for a torch pickle.")
 @click.option("--rank", default=4, show_default=True, help="LoRA rank (kohya network_dim).")
 @click.option("--alpha", default=1.0, show_default=True, help="LoRA alpha; ΔW is scaled by alpha/rank.")
 @click.option("--conv-rank", default=0, show_default=True, help="Rank of 3x3 convs (LoCon); 0 leaves them out.")
@@ -28,17 +30,14 @@ _PATH = click.Path(path_type=Path)
 @click.option("--tokenizer", type=click.Path(path_type=Path, file_okay=False), help="Folder with CLIP vocab.json + merges.txt.")
 @click.option("--unet-only", is_flag=True, help="Train no text-encoder modules.")
 @click.option("--full", is_flag=True, help="Fine-tune every UNet weight and write a full checkpoint (input for extract).")
-@click.option(
-    "--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
-    help="Output dtype. [default: LoRA fp16; --full: the base's]"
-)
+@opt.dtype("Output dtype. [default: LoRA fp16; --full: the base's]", "--save-dtype")
 @click.option("--output-name", help="ss_output_name. [default: output file stem]")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
-@click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def command(base, data, reg_data, output, rank, alpha, conv_rank, conv_alpha, learning_rate, steps, epochs, batch_size,
-            resolution, bucket_step, prior_loss_weight, tokenizer, unet_only, full, save_dtype, output_name, seed, device,
+@opt.device()
+@opt.force()
+@opt.json_output("loratool.train/1")
+def command(base, data, reg_data, out, rank, alpha, conv_rank, conv_alpha, learning_rate, steps, epochs, batch_size,
+            resolution, bucket_step, prior_loss_weight, tokenizer, unet_only, full, dtype, output_name, seed, device,
             force, as_json) -> None:
     """Train a LoRA on SD1 with the ε-prediction DDPM loss (kohya's DreamBooth folder method).
 
@@ -46,6 +45,7 @@ def command(base, data, reg_data, output, rank, alpha, conv_rank, conv_alpha, le
     beside the image, else the folder's "sks dog". The LoRA is written in kohya format with ss_*
     metadata (trigger words in ss_tag_frequency) and sshs hashes.
     """
+    from ..assets import tiny_base
     from ..render.train import train_progress, train_report
     from ..train import TrainOptions, train
 
@@ -53,26 +53,12 @@ def command(base, data, reg_data, output, rank, alpha, conv_rank, conv_alpha, le
         raise click.BadParameter("must be a multiple of 64 (latents are 1/8 size and the UNet halves them 3 times)",
                                  param_hint="--bucket-step")
     opts = TrainOptions(
-        base=base or bundled_base(), data=data, output=output, reg_data=reg_data, rank=rank, alpha=alpha,
+        base=base or tiny_base(), data=data, output=out, reg_data=reg_data, rank=rank, alpha=alpha,
         conv_rank=conv_rank, conv_alpha=conv_alpha, learning_rate=learning_rate, steps=steps, epochs=epochs,
         batch_size=batch_size, resolution=resolution, bucket_step=bucket_step, seed=seed, device=device, full=full,
         train_text_encoder=not unet_only, prior_loss_weight=prior_loss_weight, tokenizer=tokenizer,
-        save_dtype=save_dtype, output_name=output_name, force=force,
+        save_dtype=dtype, output_name=output_name, force=force,
     )
     with train_progress(enabled=not as_json) as on_step:
         result = train(opts, on_step=on_step)
     train_report(result, as_json)
-
-
-def bundled_base() -> Path:
-    from ..errors import LoratoolError
-
-    p = fixtures_dir() / "tiny-sd1.safetensors"
-    if not p.is_file():
-        raise LoratoolError(f"{p}: bundled tiny base not found", hint="pass --base with an SD1 checkpoint")
-    return p
-
-
-def fixtures_dir() -> Path:
-    """The repository's fixtures/ folder (present in a source checkout / editable install)."""
-    return Path(__file__).resolve().parents[2] / "fixtures"

@@ -602,10 +602,6 @@ def _convert_adapter(
         notes.append(f"renamed {len(results)} modules {naming_in} → {naming_out}")
     if naming_out != "kohya":
         notes.append("alpha/rank folded into lora_B (load with lora_alpha = rank); original alphas in metadata " + PEFT_ALPHA_KEY)
-    refactored = [m for m in results if m.how != "kept"]
-    if refactored:
-        worst = max(m.rel_error for m in results)
-        notes.append(f"{len(refactored)} modules refactored to plain LoRA (max relative error {worst:.2e})")
     if container_for(out) == "pickle" and metadata:
         notes.append(f"dropped {len(metadata)} metadata entries: a torch pickle has no metadata field")
     with open_writer(out, specs, metadata, [source.path], force, wrap=False) as writer:

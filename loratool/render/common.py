@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
 from rich.console import Console
 from rich.markup import escape
@@ -21,8 +20,6 @@ from rich.progress import (
 
 from ..errors import LoratoolError
 
-T = TypeVar("T")
-
 stdout = Console(highlight=False, soft_wrap=True, emoji=False)
 stderr = Console(stderr=True, highlight=False, emoji=False)
 
@@ -33,6 +30,18 @@ def print_error(exc: LoratoolError) -> None:
     stderr.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
     if exc.hint:
         stderr.print(f"[dim]hint:[/] {escape(exc.hint)}", soft_wrap=True)
+
+
+def print_internal_error(exc: BaseException, debug: bool = False) -> None:
+    """A bug in loratool (not the user's input): say so, and show the traceback with ``--debug``."""
+    import traceback
+
+    line = " ".join(f"{type(exc).__name__}: {exc}".split())
+    stderr.print(f"[bold red]internal error, please report:[/] {escape(line)}", soft_wrap=True)
+    if debug:
+        sys.stderr.write("".join(traceback.format_exception(exc)))
+    else:
+        stderr.print("[dim]hint:[/] rerun with loratool --debug ... for the traceback, and report it", soft_wrap=True)
 
 
 def print_json(data: object) -> None:
@@ -65,12 +74,3 @@ def progress(description: str, total: int | None, enabled: bool = True) -> Itera
                 bar.advance(task, n)
 
         yield advance
-
-
-def track(items: Iterable[T], description: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
-    """Iterate with a progress bar on stderr."""
-    items = list(items) if total is None else items
-    with progress(description, total if total is not None else len(items), enabled) as advance:
-        for item in items:
-            yield item
-            advance()

@@ -45,7 +45,7 @@ def report_dict(report) -> dict:
 
 
 def render_json(report) -> None:
-    print_json(report_dict(report))
+    print_json({"schema": "loratool.convert/1", **report_dict(report)})
 
 
 def render(report) -> None:

@@ -157,17 +157,17 @@ def _render_hashes(r: Inspection) -> None:
         stdout.print(f"[bold]hashes[/]: [dim]{escape(r.hash_note)}[/]")
         return
     stdout.print("[bold]hashes[/]")
-    g = _grid()
-    _kv(g, "  sha256", h.sha256)
-    _kv(g, "  AutoV2", h.autov2)
+    rows = [("sha256", h.sha256), ("AutoV2", h.autov2)]
     if h.addnet:
-        _kv(g, "  addnet (AutoV3)", f"{h.addnet_short} [dim](full: {h.addnet})[/]")
-    _kv(g, "  legacy", h.legacy)
+        rows.append(("addnet (AutoV3)", f"{h.addnet_short} [dim](full: {h.addnet})[/]"))
+    rows.append(("legacy", h.legacy))
     if h.stored_model is not None:
-        _kv(g, "  sshs_model_hash", f"{h.stored_model[:12]}… {_match(h.model_match)}")
+        rows.append(("sshs_model_hash", f"{h.stored_model[:12]}… {_match(h.model_match)}"))
     if h.stored_legacy is not None:
-        _kv(g, "  sshs_legacy_hash", f"{h.stored_legacy} {_match(h.legacy_match)}")
-    stdout.print(g)
+        rows.append(("sshs_legacy_hash", f"{h.stored_legacy} {_match(h.legacy_match)}"))
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:  # one line each, never wrapped (a hash is copied whole)
+        stdout.print(f"  [bold]{escape(label.ljust(width))}[/]  {value}", soft_wrap=True)
 
 
 def _render_stats(r: Inspection) -> None:

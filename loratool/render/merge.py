@@ -46,7 +46,8 @@ def checkpoint_report(report: MergeReport, as_json: bool = False) -> None:
     if as_json:
         print_json(
             {
-                "out": report.out,
+                "schema": "loratool.merge/1",
+                "output": report.out,
                 "arch": report.arch,
                 "naming": report.naming,
                 "dry_run": report.dry_run,
@@ -66,7 +67,10 @@ def checkpoint_report(report: MergeReport, as_json: bool = False) -> None:
         )
         return
     if report.dry_run:
-        # one line per module, never truncated: ADAPTER# MODULE → KEY[ROWS] ×RATIO (FAMILY)
+        # a legend, then one line per module, never truncated: ADAPTER# MODULE → KEY[ROWS] ×RATIO (FAMILY)
+        for i, (path, ratio) in enumerate(report.adapters, 1):
+            stdout.print(f"[dim]adapter {i}:[/] {escape(str(path))} ×{ratio:g}")
+        stdout.print("[dim]ADAPTER# MODULE → BASE KEY[ROWS] ×EFFECTIVE RATIO (FAMILY)[/]")
         for a in report.assignments:
             stdout.print(
                 f"{a.adapter + 1} {escape(a.module)} → {escape(a.key + _fmt_rows(a.rows))} ×{a.ratio:g} [dim]({a.family})[/]"
@@ -85,7 +89,8 @@ def adapter_report(report: AdapterMergeReport, as_json: bool = False) -> None:
     if as_json:
         print_json(
             {
-                "out": report.out,
+                "schema": "loratool.merge-lora/1",
+                "output": report.out,
                 "arch": report.arch,
                 "mode": report.mode,
                 "adapters": [{"file": p, "ratio": r} for p, r in report.adapters],

@@ -43,6 +43,7 @@ def train_report(result, as_json: bool = False) -> None:
         "output": str(result.output),
         "steps": result.steps,
         "epochs": result.epochs,
+        "batches_per_epoch": result.batches_per_epoch,
         "images": result.num_images,
         "reg_images": result.num_reg_images,
         "buckets": result.buckets,
@@ -57,7 +58,7 @@ def train_report(result, as_json: bool = False) -> None:
         return
     table = Table(show_header=False, box=None)
     table.add_row("output", str(result.output))
-    table.add_row("steps", f"{result.steps} ({result.epochs} epoch{'s' if result.epochs != 1 else ''})")
+    table.add_row("steps", f"{result.steps} ({result.epochs:g} epochs of {result.batches_per_epoch} batches)")
     table.add_row("images", f"{result.num_images} (+{result.num_reg_images} regularisation)")
     table.add_row("buckets", ", ".join(f"{k}: {v}" for k, v in sorted(result.buckets.items())))
     if result.modules:
