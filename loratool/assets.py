@@ -57,16 +57,23 @@ def clip_vocab() -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
-def write_clip_tokenizer(folder: Path, pad_token: str = CLIP_EOS, max_length: int = 77) -> list[str]:
+def write_clip_tokenizer(folder: Path, pad_token: str = CLIP_EOS, max_length: int = 77, vocab_size: int = 49408) -> list[str]:
     """A transformers ``CLIPTokenizer`` folder (``vocab.json``, ``merges.txt``, configs) with no network.
 
     ``pad_token`` is ``<|endoftext|>`` for CLIP-L (SD1, SDXL's first encoder) and ``!`` for the
-    OpenCLIP encoders (SD2, SDXL's second), as the released pipelines ship them.
+    OpenCLIP encoders (SD2, SDXL's second), as the released pipelines ship them. A text encoder with a
+    smaller vocabulary than CLIP's 49,408 (a small test model) gets CLIP's first ``vocab_size − 2``
+    tokens and the merges that make them, with ``<|startoftext|>`` / ``<|endoftext|>`` as its last two ids,
+    so every id the tokenizer emits exists in the embedding.
     """
+    full = clip_vocab()
+    keep = max(0, vocab_size - 2)
+    tokens = [t for t, i in sorted(full.items(), key=lambda ti: ti[1]) if i < keep and t not in (CLIP_BOS, CLIP_EOS)]
+    vocab = {t: i for i, t in enumerate([*tokens, CLIP_BOS, CLIP_EOS])}
+    merges = [m for m in clip_merges() if "".join(m) in vocab]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(clip_vocab(), ensure_ascii=False) + "\n", encoding="utf-8")
-    merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in clip_merges())
-    (folder / "merges.txt").write_text(merges, encoding="utf-8")
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     special = {"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "unk_token": CLIP_EOS, "pad_token": pad_token}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")
     config = {

@@ -11,7 +11,6 @@ exists on both sides.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,10 @@ from .detect import detect_checkpoint
 from .errors import LoratoolError, MappingError, OutputError, listing
 from .layouts import checkpoint_layout
 from .layouts.checkpoint import KeyLink, checkpoint_links, linked_shape, one_sided_reason, scaled_rows
+from .pipeline_folder import default_prediction_type, write_pipeline_files
 from .source import TensorSpec, open_file
 from .writer import FolderOutput, SafetensorsWriter
 
-DIFFUSERS_VERSION = "0.32.1"  # the diffusers release whose folder layout the tables follow
 _WEIGHT_FILES = {
     "unet": "diffusion_pytorch_model.safetensors",
     "vae": "diffusion_pytorch_model.safetensors",
@@ -101,6 +100,7 @@ def convert_checkpoint(
     force: bool = False,
     on_progress: Progress | None = None,
     allow_unmapped: bool = False,
+    prediction_type: str | None = None,
 ) -> CheckpointConvertReport:
     """Convert a full SD1/SD2/SDXL checkpoint between single-file and diffusers-folder layouts.
 
@@ -113,6 +113,8 @@ def convert_checkpoint(
         force: replace an existing output (never an input).
         on_progress: called as ``on_progress(done, total, key)`` after each tensor.
         allow_unmapped: leave unknown source keys out (listed in the report) instead of raising.
+        prediction_type: the diffusers scheduler's ``epsilon`` / ``v_prediction`` (default: see
+            :func:`loratool.pipeline_folder.default_prediction_type`).
 
     Returns:
         A :class:`CheckpointConvertReport`.
@@ -152,7 +154,7 @@ def convert_checkpoint(
         if to == "ldm":
             files, nbytes = _write_single(src, Path(out), plan, inputs, force, on_progress)
         else:
-            files, nbytes = _write_folder(src, Path(out), plan, match.arch, inputs, force, on_progress)
+            files, nbytes = _write_folder(src, Path(out), plan, match.arch, inputs, force, on_progress, prediction_type)
     finally:
         if own:
             src.close()
@@ -309,23 +311,27 @@ def _write_single(src, out: Path, plan: list[_Item], inputs, force: bool, on_pro
 
 
 def _write_folder(
-    src, out: Path, plan: list[_Item], arch: str, inputs, force: bool, on_progress: Progress | None
+    src, out: Path, plan: list[_Item], arch: str, inputs, force: bool, on_progress: Progress | None,
+    prediction_type: str | None = None,
 ) -> tuple[list[str], int]:
     with FolderOutput(out, inputs, force) as folder:
-        files = _fill_folder(src, folder.tmp, plan, arch, on_progress)
+        files = _fill_folder(src, folder.tmp, plan, arch, on_progress, prediction_type)
     return files, sum(it.spec.nbytes for it in plan)
 
 
-def _fill_folder(src, root: Path, plan: list[_Item], arch: str, on_progress: Progress | None) -> list[str]:
+def _fill_folder(src, root: Path, plan: list[_Item], arch: str, on_progress: Progress | None,
+                 prediction_type: str | None = None) -> list[str]:
     by_comp: dict[str, list[_Item]] = {}
     for it in plan:
         by_comp.setdefault(it.key.split("/", 1)[0], []).append(it)
     reader = _Reader(src)
     total, done = len(plan), 0
     files: list[str] = []
+    specs_by_comp: dict[str, dict[str, TensorSpec]] = {}
     for comp, items in by_comp.items():
         (root / comp).mkdir()
         specs = {it.key.split("/", 1)[1]: it.spec for it in items}
+        specs_by_comp[comp] = specs
         path = root / comp / _WEIGHT_FILES[comp]
         with SafetensorsWriter(path, specs, {"format": "pt"}) as w:
             for it in items:
@@ -335,154 +341,12 @@ def _fill_folder(src, root: Path, plan: list[_Item], arch: str, on_progress: Pro
                 if on_progress:
                     on_progress(done, total, it.key)
             w.finalize()
-        config = _component_config(arch, comp, specs)
-        (root / comp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        files += [f"{comp}/{path.name}", f"{comp}/config.json"]
-    index = _model_index(arch, list(by_comp))
-    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    files.append("model_index.json")
+        files.append(f"{comp}/{path.name}")
+    keys = set(src.keys())
+    betas = src.get("betas") if "betas" in keys else None
+    prediction = prediction_type or default_prediction_type(arch, keys)
+    files += write_pipeline_files(root, arch, specs_by_comp, betas, prediction)
     return files
-
-
-# ----------------------------------------------------------------------------- configs
-
-_TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-_UNET_FIXED = {
-    "sd1": {"attention_head_dim": 8, "sample_size": 64},
-    "sd2": {"attention_head_dim": [5, 10, 20, 20], "sample_size": 96},
-    "sdxl": {"attention_head_dim": [5, 10, 20], "sample_size": 128, "addition_embed_type": "text_time",
-             "addition_time_embed_dim": 256},
-}
-_TEXT_FIXED = {
-    ("sd1", "text_encoder"): ("CLIPTextModel", 12, "quick_gelu", 768),
-    ("sd2", "text_encoder"): ("CLIPTextModel", 16, "gelu", 512),
-    ("sdxl", "text_encoder"): ("CLIPTextModel", 12, "quick_gelu", 768),
-    ("sdxl", "text_encoder_2"): ("CLIPTextModelWithProjection", 20, "gelu", 1280),
-}
-_VAE_FIXED = {"sd1": (512, 0.18215), "sd2": (768, 0.18215), "sdxl": (1024, 0.13025)}
-
-
-def _count(specs: dict[str, TensorSpec], prefix: str, suffix: str) -> int:
-    return len({k[len(prefix):].split(".", 1)[0] for k in specs if k.startswith(prefix) and k.endswith(suffix)})
-
-
-def _dtype_of(specs: dict[str, TensorSpec]) -> str:
-    floats = [s.dtype for s in specs.values() if s.dtype in _TORCH_DTYPE]
-    return _TORCH_DTYPE[max(set(floats), key=floats.count)] if floats else "float32"
-
-
-def _component_config(arch: str, comp: str, specs: dict[str, TensorSpec]) -> dict:
-    """A minimal config.json whose sizes are read from the weights (so shrunken files stay consistent)."""
-    if comp == "unet":
-        return _unet_config(arch, specs)
-    if comp == "vae":
-        return _vae_config(arch, specs)
-    cls, heads, act, proj = _TEXT_FIXED[(arch, comp)]
-    tok = specs.get("text_model.embeddings.token_embedding.weight")
-    cfg = {
-        "_name_or_path": "",
-        "architectures": [cls],
-        "model_type": "clip_text_model",
-        "hidden_act": act,
-        "num_attention_heads": heads,
-        "num_hidden_layers": _count(specs, "text_model.encoder.layers.", ".weight"),
-        "layer_norm_eps": 1e-05,
-        "bos_token_id": 0,
-        "eos_token_id": 2,
-        "pad_token_id": 1,
-        "projection_dim": specs["text_projection.weight"].shape[0] if "text_projection.weight" in specs else proj,
-        "torch_dtype": _dtype_of(specs),
-    }
-    if tok is not None:
-        cfg["vocab_size"], cfg["hidden_size"] = tok.shape
-    pos = specs.get("text_model.embeddings.position_embedding.weight")
-    if pos is not None:
-        cfg["max_position_embeddings"] = pos.shape[0]
-    fc1 = specs.get("text_model.encoder.layers.0.mlp.fc1.weight")
-    if fc1 is not None:
-        cfg["intermediate_size"] = fc1.shape[0]
-    return cfg
-
-
-def _unet_config(arch: str, specs: dict[str, TensorSpec]) -> dict:
-    levels = _count(specs, "down_blocks.", ".weight")
-    attn_down = [any(k.startswith(f"down_blocks.{i}.attentions.") for k in specs) for i in range(levels)]
-    attn_up = [any(k.startswith(f"up_blocks.{i}.attentions.") for k in specs) for i in range(levels)]
-    channels = [specs[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)
-                if f"down_blocks.{i}.resnets.0.conv1.weight" in specs]
-    cfg: dict = {
-        "_class_name": "UNet2DConditionModel",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "act_fn": "silu",
-        "block_out_channels": channels,
-        "center_input_sample": False,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn_down],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attn_up],
-        "downsample_padding": 1,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "layers_per_block": 2,
-        "mid_block_scale_factor": 1,
-        "norm_eps": 1e-05,
-        "norm_num_groups": 32,
-        **_UNET_FIXED[arch],
-    }
-    if "conv_in.weight" in specs:
-        cfg["in_channels"] = specs["conv_in.weight"].shape[1]
-    if "conv_out.weight" in specs:
-        cfg["out_channels"] = specs["conv_out.weight"].shape[0]
-    first = attn_down.index(True) if True in attn_down else None
-    if first is not None:
-        prefix = f"down_blocks.{first}.attentions.0."
-        if prefix + "transformer_blocks.0.attn2.to_k.weight" in specs:
-            cfg["cross_attention_dim"] = specs[prefix + "transformer_blocks.0.attn2.to_k.weight"].shape[1]
-        if prefix + "proj_in.weight" in specs:
-            cfg["use_linear_projection"] = len(specs[prefix + "proj_in.weight"].shape) == 2
-    cfg["transformer_layers_per_block"] = [
-        max(1, _count(specs, f"down_blocks.{i}.attentions.0.transformer_blocks.", ".weight")) for i in range(levels)
-    ]
-    if "add_embedding.linear_1.weight" in specs:
-        cfg["projection_class_embeddings_input_dim"] = specs["add_embedding.linear_1.weight"].shape[1]
-    return cfg
-
-
-def _vae_config(arch: str, specs: dict[str, TensorSpec]) -> dict:
-    size, scale = _VAE_FIXED[arch]
-    levels = _count(specs, "encoder.down_blocks.", ".weight")
-    cfg: dict = {
-        "_class_name": "AutoencoderKL",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "act_fn": "silu",
-        "block_out_channels": [specs[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)],
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "layers_per_block": 2,
-        "norm_num_groups": 32,
-        "sample_size": size,
-        "scaling_factor": scale,
-    }
-    if arch == "sdxl":
-        cfg["force_upcast"] = True
-    for key, name, dim in (("encoder.conv_in.weight", "in_channels", 1), ("decoder.conv_out.weight", "out_channels", 0),
-                           ("post_quant_conv.weight", "latent_channels", 0)):
-        if key in specs:
-            cfg[name] = specs[key].shape[dim]
-    return cfg
-
-
-def _model_index(arch: str, components: list[str]) -> dict:
-    classes = {
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-    }
-    index = {
-        "_class_name": "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline",
-        "_diffusers_version": DIFFUSERS_VERSION,
-    }
-    index.update({c: classes[c] for c in components})
-    return index
 
 
 __all__ = ["CheckpointConvertReport", "convert_checkpoint"]

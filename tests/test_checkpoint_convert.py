@@ -90,10 +90,12 @@ def test_folder_opens_and_detects_as_diffusers(folders, arch):
     assert (match.arch, match.naming) == (arch, "diffusers")
     assert match.coverage == 1.0 and match.precision == 1.0
     index = json.loads((folder / "model_index.json").read_text())
-    comps = {k for k in index if not k.startswith("_")}
+    comps = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
     assert comps == {p.name for p in folder.iterdir() if p.is_dir()}
+    assert {"scheduler", "tokenizer"} <= comps
     for comp in comps:
-        assert json.loads((folder / comp / "config.json").read_text())
+        config = next(f for f in ("config.json", "scheduler_config.json", "tokenizer_config.json") if (folder / comp / f).is_file())
+        assert json.loads((folder / comp / config).read_text())
     unet = json.loads((folder / "unet" / "config.json").read_text())
     assert unet["in_channels"] == 4 and unet["use_linear_projection"] == (arch != "sd1")
     assert not list(folder.parent.glob(".*tmp*"))

@@ -29,6 +29,9 @@ from . import options as opt
     show_default=True,
     help="LyCORIS → LoRA: refuse when a module's relative ΔW error exceeds this.",
 )
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]),
+              help="--to diffusers: the scheduler's prediction type. [default: v_prediction for SD2 (768-v) and "
+                   "SDXL files with a v_pred key, else epsilon]")
 @opt.force()
 @opt.json_output("loratool.convert/1")
 def command(
@@ -40,6 +43,7 @@ def command(
     arch: str | None,
     max_rank: int | None,
     max_error: float,
+    prediction_type: str | None,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -69,6 +73,7 @@ def command(
                 max_rank=max_rank,
                 max_error=max_error,
                 on_progress=on_progress,
+                prediction_type=prediction_type,
             )
     finally:
         source.close()

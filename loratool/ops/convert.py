@@ -688,6 +688,7 @@ def convert(
     max_error: float = 0.01,
     rel_tol: float = DEFAULT_REL_TOL,
     on_progress: Progress | None = None,
+    prediction_type: str | None = None,
 ):
     """Convert one model file; the output's extension decides its container.
 
@@ -740,13 +741,13 @@ def convert(
             hint="--to ldm writes a single file; --to diffusers copies the folder",
         )
     if layout_change or (source.format == "diffusers"):
-        return _convert_checkpoint(source, out, to or "ldm", dtype, prune, arch, force, on_progress)
+        return _convert_checkpoint(source, out, to or "ldm", dtype, prune, arch, force, on_progress, prediction_type)
     check_output(out, [source.path], force)
     container_for(out)
     return _copy(source, out, kind, dtype, prune, force, on_progress)
 
 
-def _convert_checkpoint(source, out, to, dtype, prune, arch, force, on_progress):
+def _convert_checkpoint(source, out, to, dtype, prune, arch, force, on_progress, prediction_type=None):
     """Full-checkpoint layout change (single file ↔ diffusers folder), done by loratool.convert_checkpoint."""
     if prune:
         raise LoratoolError(
@@ -760,7 +761,8 @@ def _convert_checkpoint(source, out, to, dtype, prune, arch, force, on_progress)
             f"{out}: --to ldm writes a .safetensors file",
             hint="write .safetensors, then convert that file to .ckpt without --to",
         )
-    return convert_checkpoint(source, out, to=to, arch=arch, dtype=dtype, force=force, on_progress=on_progress)
+    return convert_checkpoint(source, out, to=to, arch=arch, dtype=dtype, force=force, on_progress=on_progress,
+                              prediction_type=prediction_type)
 
 
 __all__ = [
