@@ -94,7 +94,8 @@ def test_folder_opens_and_detects_as_diffusers(folders, arch):
     assert comps == {p.name for p in folder.iterdir() if p.is_dir()}
     assert {"scheduler", "tokenizer"} <= comps
     for comp in comps:
-        config = next(f for f in ("config.json", "scheduler_config.json", "tokenizer_config.json") if (folder / comp / f).is_file())
+        names = ("config.json", "scheduler_config.json", "tokenizer_config.json")
+        config = next(f for f in names if (folder / comp / f).is_file())
         assert json.loads((folder / comp / config).read_text())
     unet = json.loads((folder / "unet" / "config.json").read_text())
     assert unet["in_channels"] == 4 and unet["use_linear_projection"] == (arch != "sd1")
