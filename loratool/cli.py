@@ -49,7 +49,7 @@ def _raise_terminated(signum: int, frame) -> None:
     raise Terminated(signum)
 
 
-class Terminated(KeyboardInterrupt):
+class Terminated(BaseException):
     """SIGTERM / SIGHUP, raised where Python next runs so every temporary output is removed on the way out."""
 
     def __init__(self, signum: int):
