@@ -10,6 +10,7 @@ small per call therefore runs in :func:`threads` ``(1)``; large products keep to
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -58,5 +59,14 @@ def threads(n: int | None) -> Iterator[None]:
 
 
 def threads_for(work: int) -> int | None:
-    """1 for calls doing less than :data:`SMALL_WORK` multiply-adds, else None (torch's default pool)."""
+    """Threads for a call doing ``work`` multiply-adds: 1 below :data:`SMALL_WORK`, else None (torch's pool).
+
+    ``LORATOOL_THREADS=N`` fixes the count for every call; ``LORATOOL_THREADS=all`` always uses torch's
+    default pool (the behaviour without a policy, kept for the benchmark).
+    """
+    override = os.environ.get("LORATOOL_THREADS", "").strip().lower()
+    if override == "all":
+        return None
+    if override.isdigit() and int(override) > 0:
+        return int(override)
     return 1 if work < SMALL_WORK else None

@@ -22,7 +22,7 @@ from ..errors import LoratoolError, MappingError, listing
 from ..layouts import ARCH_LABELS, ModuleTarget, kohya_modules
 from ..layouts.naming import all_modules
 from ..metadata import iso_date, with_hashes
-from ..runtime import resolve_device
+from ..runtime import resolve_device, threads, threads_for
 from ..source import open_file
 from ..writer import check_output, container_for, save_tensors
 from .lowrank import (
@@ -171,26 +171,20 @@ def extract_lora(
         for target in targets:
             w_t = _rows(tcache.get(_key(target, tm.naming)), target)
             w_b = _rows(bcache.get(_key(target, bm.naming)), target)
-            d = w_t.to(dev, torch.float32) - w_b.to(dev, torch.float32)
             kind = target.kind
-            kernel = tuple(d.shape[2:]) if d.dim() == 4 else ((1, 1) if kind != "linear" else ())
-            d = d.reshape(d.shape[0], -1)
-            if d.numel() == 0 or float(d.abs().max()) <= min_diff:
+            cap = conv_rank if kind == "conv3x3" else rank
+            work = w_t.numel() * (w_t.shape[0] if exact else (cap or 1) + oversample) * (1 if exact else 2 * n_iter + 2)
+            with threads(threads_for(work) if dev.type == "cpu" else None):
+                pending_one = _extract_one(target, w_t, w_b, dev, kind, cap, exact, rule, oversample, n_iter, seed, min_diff)
+            if pending_one is None:
                 skipped.append(target.name)
             else:
-                cap = conv_rank if kind == "conv3x3" else rank
-                if exact:
-                    u, s, vh = torch.linalg.svd(d, full_matrices=False)
-                    if not isinstance(rule, SvCumulative):  # Σσ needs every σ; other rules need ≤ cap
-                        u, s, vh = u[:, :cap], s[:cap], vh[:cap]
-                else:
-                    u, s, vh = randomized_svd(d, cap, oversample, n_iter, seed_for(target.name, seed))
-                total = float(torch.linalg.vector_norm(d)) ** 2
-                pending.append(_Pending(target, kind, kernel, u.cpu(), s.cpu(), vh.cpu(), total))
+                pending.append(pending_one)
             if on_module is not None:
                 on_module(target.name)
 
     caps = {p.target.name: (conv_rank if p.kind == "conv3x3" else rank) for p in pending}
+
     if isinstance(rule, Budget):
         costs = {p.target.name: p.u.shape[0] + p.vh.shape[1] for p in pending}
         ranks = allocate_budget({p.target.name: p.s for p in pending}, costs, rule.param_budget(dtypes.itemsize(dtype)), caps)
@@ -222,6 +216,23 @@ def extract_lora(
     meta = _metadata(arch, stats, rank, conv_rank, rule, exact, tuned, base)
     written = save_tensors(out, tensors, with_hashes(tensors, meta), inputs=[tuned, base], force=force)
     return ExtractResult(written, arch, rule.text, exact, tuple(stats), tuple(skipped), conv_left, te_unchanged)
+
+
+def _extract_one(target, w_t, w_b, dev, kind, cap, exact, rule, oversample, n_iter, seed, min_diff):
+    """The SVD of one module's ΔW = tuned − base (None when it is unchanged)."""
+    d = w_t.to(dev, torch.float32) - w_b.to(dev, torch.float32)
+    kernel = tuple(d.shape[2:]) if d.dim() == 4 else ((1, 1) if kind != "linear" else ())
+    d = d.reshape(d.shape[0], -1)
+    if d.numel() == 0 or float(d.abs().max()) <= min_diff:
+        return None
+    if exact:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        if not isinstance(rule, SvCumulative):  # Σσ needs every σ; other rules need ≤ cap
+            u, s, vh = u[:, :cap], s[:cap], vh[:cap]
+    else:
+        u, s, vh = randomized_svd(d, cap, oversample, n_iter, seed_for(target.name, seed))
+    total = float(torch.linalg.vector_norm(d)) ** 2
+    return _Pending(target, kind, kernel, u.cpu(), s.cpu(), vh.cpu(), total)
 
 
 def _check_pairs(targets, tspecs, tnaming, tuned: Path, bspecs, bnaming, base: Path) -> None:

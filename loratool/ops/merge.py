@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from .. import dtypes
-from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, scale_of, split_key
+from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, rank_of, scale_of, split_key
 from ..blockweights import BlockWeights
 from ..detect import detect_checkpoint
 from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..layouts import ARCH_LABELS
 from ..metadata import parse_json_field, with_hashes
-from ..runtime import resolve_device
+from ..runtime import resolve_device, threads, threads_for
 from ..source import TensorSpec
 from ..writer import FolderOutput, SafetensorsWriter, check_output, container_for, open_writer, save_tensors
 from .lowrank import factored_svd
@@ -274,14 +274,17 @@ def merge_into_checkpoint(
         for n, key in enumerate(specs, 1):
             tensor = base_source.get(key)
             if key in by_key:
-                w = tensor.to(dev, torch.float32)
-                for a in by_key[key]:
-                    module = _module_on(adapters[a.adapter][0].modules[a.module], dev)
-                    lo, hi = a.rows if a.rows is not None else (0, w.shape[0])
-                    if a.part == "bias":
-                        w[lo:hi] += a.ratio * module.tensors["diff_b"].float().reshape(w[lo:hi].shape)
-                    else:
-                        w[lo:hi] = apply_to_weight(w[lo:hi], module, a.ratio)
+                mods = [adapters[a.adapter][0].modules[a.module] for a in by_key[key]]
+                work = tensor.numel() * sum(rank_of(m.family, m.tensors) or 64 for m in mods)
+                with threads(threads_for(work) if dev.type == "cpu" else None):
+                    w = tensor.to(dev, torch.float32)
+                    for a, m in zip(by_key[key], mods):
+                        module = _module_on(m, dev)
+                        lo, hi = a.rows if a.rows is not None else (0, w.shape[0])
+                        if a.part == "bias":
+                            w[lo:hi] += a.ratio * module.tensors["diff_b"].float().reshape(w[lo:hi].shape)
+                        else:
+                            w[lo:hi] = apply_to_weight(w[lo:hi], module, a.ratio)
                 tensor = w
             writer, name = writers[key]
             writer.write(name, tensor)
