@@ -9,8 +9,8 @@ rank-32 LoRA into SD1.5) it runs the whole ``loratool`` command in a fresh proce
 * ``1 thread``   with ``OMP_NUM_THREADS=1`` (torch then uses one thread everywhere), nothing else running;
 * ``loaded``     with loratool's policy while a load process (a torch matmul loop on all cores, started
                  and stopped by this script) computes beside it;
-* ``loaded, default threads``  the same with ``LORATOOL_THREADS=all`` (torch's default everywhere: the
-                 behaviour before the thread policy),
+* ``loaded, before``  the same with ``LORATOOL_THREADS=all`` and libgomp's default spinning waits
+                 (the behaviour before the thread policy and ``OMP_WAIT_POLICY=PASSIVE``),
 
 and prints medians and the ratio ``loaded / 1 thread`` (target ≤ 2). Files go to a temp folder that is
 deleted at the end unless ``--keep``. Not part of the test suite.
@@ -75,12 +75,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         _setup(work)
-        base_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LORATOOL_THREADS")}
+        base_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LORATOOL_THREADS", "OMP_WAIT_POLICY")}
         modes = {
             "alone": (base_env, False),
             "1 thread": ({**base_env, "OMP_NUM_THREADS": "1"}, False),
             "loaded": (base_env, True),
-            "loaded, default threads": ({**base_env, "LORATOOL_THREADS": "all"}, True),
+            # torch's pool everywhere and libgomp's default spin-then-sleep waits: the behaviour before the policy
+            # (an empty OMP_WAIT_POLICY is ignored by libgomp and keeps loratool from setting PASSIVE)
+            "loaded, before": ({**base_env, "LORATOOL_THREADS": "all", "OMP_WAIT_POLICY": ""}, True),
         }
         print(f"{os.cpu_count()} CPUs; median of {args.repeats}; whole command, seconds")
         print(f"{'job':<16}" + "".join(f"{m:>26}" for m in modes) + f"{'loaded / 1 thread':>20}")
