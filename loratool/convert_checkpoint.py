@@ -12,12 +12,13 @@ exists on both sides.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import dtypes
+from . import dtypes, stream
 from .detect import detect_checkpoint
 from .errors import LoratoolError, MappingError, OutputError, listing
 from .layouts import checkpoint_layout
@@ -256,42 +257,33 @@ def _plan(
 # ----------------------------------------------------------------------------- tensors
 
 
-class _Reader:
-    """Reads source tensors; keeps the last one so q, k, v slices of a fused tensor cost one read."""
-
-    def __init__(self, src):
-        self.src = src
-        self._last: tuple[str, torch.Tensor] | None = None
-
-    def get(self, key: str) -> torch.Tensor:
-        if self._last is None or self._last[0] != key:
-            self._last = (key, self.src.get(key))
-        return self._last[1]
-
-
-def _to_diffusers(reader: _Reader, lk: KeyLink, arch: str) -> torch.Tensor:
-    """diffusers tensor of ``lk``: ``W[rows]``, ``W[:, :, 0, 0]`` (1x1 conv → linear) or ``W.T``."""
-    w = reader.get(lk.ldm_key)
+def _to_diffusers(lk: KeyLink, arch: str):
+    """The function making the diffusers tensor of ``lk`` from its single-file tensor (None: the tensor as is):
+    ``W[rows]``, ``W[:, :, 0, 0]`` (1x1 conv → linear) or ``W.T``."""
     if lk.rows is not None:
-        start, stop = scaled_rows(lk.rows, checkpoint_layout(arch, "ldm")[lk.ldm_key].shape[0], w.shape[0])
-        return w[start:stop]
+        full = checkpoint_layout(arch, "ldm")[lk.ldm_key].shape[0]
+        return lambda w: w[slice(*scaled_rows(lk.rows, full, w.shape[0]))]
     if lk.transform == "conv1x1_linear":
-        return w.reshape(w.shape[0], w.shape[1])
+        return lambda w: w.reshape(w.shape[0], w.shape[1])
     if lk.transform == "transpose":
-        return w.t()
-    return w
+        return lambda w: w.t()
+    return None
 
 
-def _to_ldm(reader: _Reader, group: tuple[KeyLink, ...]) -> torch.Tensor:
-    """single-file tensor of a link group: ``cat([q, k, v])``, ``W[:, :, None, None]`` or ``W.T``."""
+def _to_ldm(group: tuple[KeyLink, ...]):
+    """The function making a single-file tensor from its link group's inputs (None: the one input as is):
+    ``cat([q, k, v])``, ``W[:, :, None, None]`` or ``W.T``."""
     if group[0].rows is not None:
-        return torch.cat([reader.get(lk.diffusers_key) for lk in group], dim=0)
-    w = reader.get(group[0].diffusers_key)
+        return lambda *parts: torch.cat(parts, dim=0)
     if group[0].transform == "conv1x1_linear":
-        return w.reshape(*w.shape, 1, 1)
+        return lambda w: w.reshape(*w.shape, 1, 1)
     if group[0].transform == "transpose":
-        return w.t()
-    return w
+        return lambda w: w.t()
+    return None
+
+
+def _inputs(group: tuple[KeyLink, ...]) -> tuple[str, ...]:
+    return tuple(lk.diffusers_key for lk in group) if group[0].rows is not None else (group[0].diffusers_key,)
 
 
 def _write_single(src, out: Path, plan: list[_Item], inputs, force: bool, on_progress: Progress | None) -> tuple[list[str], int]:
@@ -299,13 +291,9 @@ def _write_single(src, out: Path, plan: list[_Item], inputs, force: bool, on_pro
         if Path(inp).is_dir() and Path(inp).resolve() in out.resolve().parents:
             raise OutputError(f"output {out} is inside the input folder {inp}", hint="write it outside the diffusers folder")
     specs = {it.key: it.spec for it in plan}
-    reader = _Reader(src)
-    total = len(plan)
     with SafetensorsWriter(out, specs, {"format": "pt"}, inputs=inputs, force=force) as w:
-        for done, it in enumerate(plan, 1):
-            w.write(it.key, _to_ldm(reader, it.links))
-            if on_progress:
-                on_progress(done, total, it.key)
+        items = [stream.Item(w, it.key, _inputs(it.links), _to_ldm(it.links)) for it in plan]
+        stream.run(src, items, on_progress=on_progress)
         w.finalize()
     return [out.name], sum(s.nbytes for s in specs.values())
 
@@ -324,24 +312,26 @@ def _fill_folder(src, root: Path, plan: list[_Item], arch: str, on_progress: Pro
     by_comp: dict[str, list[_Item]] = {}
     for it in plan:
         by_comp.setdefault(it.key.split("/", 1)[0], []).append(it)
-    reader = _Reader(src)
-    total, done = len(plan), 0
     files: list[str] = []
     specs_by_comp: dict[str, dict[str, TensorSpec]] = {}
-    for comp, items in by_comp.items():
-        (root / comp).mkdir()
-        specs = {it.key.split("/", 1)[1]: it.spec for it in items}
-        specs_by_comp[comp] = specs
-        path = root / comp / _WEIGHT_FILES[comp]
-        with SafetensorsWriter(path, specs, {"format": "pt"}) as w:
-            for it in items:
-                tensor = _to_diffusers(reader, it.links[0], arch) if it.links else reader.get(it.key)
-                w.write(it.key.split("/", 1)[1], tensor)
-                done += 1
-                if on_progress:
-                    on_progress(done, total, it.key)
+    with ExitStack() as stack:
+        items = []
+        for comp, comp_items in by_comp.items():
+            (root / comp).mkdir()
+            specs = {it.key.split("/", 1)[1]: it.spec for it in comp_items}
+            specs_by_comp[comp] = specs
+            path = root / comp / _WEIGHT_FILES[comp]
+            w = stack.enter_context(SafetensorsWriter(path, specs, {"format": "pt"}))
+            for it in comp_items:
+                name = it.key.split("/", 1)[1]
+                if it.links:
+                    items.append(stream.Item(w, name, (it.links[0].ldm_key,), _to_diffusers(it.links[0], arch)))
+                else:
+                    items.append(stream.Item(w, name, (it.key,)))
+            files.append(f"{comp}/{path.name}")
+        stream.run(src, items, on_progress=on_progress)
+        for w in {id(i.writer): i.writer for i in items}.values():
             w.finalize()
-        files.append(f"{comp}/{path.name}")
     keys = set(src.keys())
     betas = src.get("betas") if "betas" in keys else None
     prediction = prediction_type or default_prediction_type(arch, keys)

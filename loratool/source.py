@@ -102,6 +102,12 @@ class _SourceBase:
     def close(self) -> None:
         pass
 
+    def raw_range(self, key: str) -> tuple[int, int, int] | None:
+        """``(fd, offset, nbytes)`` of the tensor's raw little-endian bytes in an open file, when the
+        container stores them contiguously (safetensors); None otherwise. Lets a writer copy a tensor
+        passed through unchanged without reading it into memory."""
+        return None
+
 
 # ----------------------------------------------------------------------------- safetensors
 
@@ -168,6 +174,13 @@ class SafetensorsSource(_SourceBase):
                 if k != "__metadata__"
             }
         return self._offsets
+
+    def raw_range(self, key: str) -> tuple[int, int, int]:
+        self.spec(key)
+        begin, end = self._data_offsets()[key]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd, begin, end - begin
 
     def get(self, key: str) -> torch.Tensor:
         import torch
@@ -525,6 +538,11 @@ class DiffusersFolderSource(_SourceBase):
         self.spec(key)
         src, k = self._owner[key]
         return src.get(k)
+
+    def raw_range(self, key: str) -> tuple[int, int, int] | None:
+        self.spec(key)
+        src, k = self._owner[key]
+        return src.raw_range(k)
 
     def close(self) -> None:
         for s in self._parts.values():

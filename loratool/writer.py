@@ -23,6 +23,7 @@ the target only when complete; any exception removes the temporary file.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -254,7 +255,7 @@ class SafetensorsWriter(StreamingOutput):
         first = self._header_bytes(self.metadata)
         self._reserved = len(first) + max(_RESERVE_EXTRA, len(first) // 8)
         self._reserved += (-(8 + self._reserved)) % 8
-        self._fh = open(self._tmp, "w+b")
+        self._fh = open(self._tmp, "w+b", buffering=0)  # unbuffered: copy_file_range writes to the same fd
         try:
             self._fh.truncate(8 + self._reserved + self._data_size)
         except OSError as exc:
@@ -273,19 +274,37 @@ class SafetensorsWriter(StreamingOutput):
     def data_start(self) -> int:
         return 8 + self._reserved
 
+    def _write_at(self, offset: int, data) -> None:
+        view = memoryview(data).cast("B")
+        self._fh.seek(offset)
+        while view:
+            n = self._fh.write(view)
+            view = view[n:]
+
     def _store(self, key: str, flat: torch.Tensor) -> None:
         start, end = self._offsets[key]
         if end > start:
-            self._fh.seek(self.data_start + start)
-            self._fh.write(memoryview(flat.view(torch.uint8).numpy()))
+            self._write_at(self.data_start + start, flat.view(torch.uint8).numpy())
+
+    def copy_raw(self, key: str, fd: int, offset: int, nbytes: int, dtype: str) -> None:
+        """Write a planned tensor by copying ``nbytes`` raw bytes from ``fd`` at ``offset`` (a tensor passed
+        through unchanged: same dtype, same shape), in the kernel with ``copy_file_range`` where it can."""
+        if key not in self.specs or key in self._written:
+            raise InternalError(f"tensor {key!r} not planned for {self.path}, or written twice")
+        start, end = self._offsets[key]
+        if end - start != nbytes or self.specs[key].dtype != dtype:
+            raise InternalError(f"raw copy of {key!r}: {nbytes} bytes {dtype}, planned {end - start} {self.specs[key].dtype}")
+        try:
+            _copy_range(fd, offset, self._fh.fileno(), self.data_start + start, nbytes)
+        except OSError as exc:
+            raise self._fail(exc) from None
+        self._written.add(key)
 
     def _commit(self) -> None:
         header = self._header_bytes(self.metadata)
         if len(header) <= self._reserved:
             header = header + b" " * (self._reserved - len(header))
-            self._fh.seek(0)
-            self._fh.write(struct.pack("<Q", len(header)))
-            self._fh.write(header)
+            self._write_at(0, struct.pack("<Q", len(header)) + header)
         else:
             self._rewrite_with_header(header)
         self._fh.close()
@@ -298,7 +317,7 @@ class SafetensorsWriter(StreamingOutput):
             out.write(header)
             self._fh.seek(self.data_start)
             while chunk := self._fh.read(1 << 24):
-                out.write(chunk)
+                out.write(chunk)  # an unbuffered read may return less than asked; the loop goes on until b""
         self._fh.close()
         os.replace(tmp2, self._tmp)
         self._fh = open(self._tmp, "r+b")
@@ -431,6 +450,33 @@ class CkptWriter(StreamingOutput):
 
     def _close_handle(self) -> None:
         self._zip.close()
+
+
+def _copy_range(src: int, src_off: int, dst: int, dst_off: int, n: int) -> None:
+    """Copy ``n`` bytes between file descriptors at explicit offsets: ``os.copy_file_range`` (no trip
+    through user space), else ``pread``/``pwrite`` in 16 MiB blocks."""
+    done = 0
+    fast = hasattr(os, "copy_file_range")
+    while done < n:
+        if fast:
+            try:
+                got = os.copy_file_range(src, dst, n - done, src_off + done, dst_off + done)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                    raise
+                fast = False
+                continue
+            if got == 0:
+                raise OSError(errno.EIO, "source ended early")
+            done += got
+            continue
+        block = os.pread(src, min(n - done, 1 << 24), src_off + done)
+        if not block:
+            raise OSError(errno.EIO, "source ended early")
+        view = memoryview(block)
+        while view:
+            w = os.pwrite(dst, view, dst_off + done)
+            view, done = view[w:], done + w
 
 
 def open_writer(

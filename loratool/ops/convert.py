@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .. import dtypes
+from .. import dtypes, stream
 from ..adapters import AdapterModule, lora_delta, rank_of, scale_of, split_key
 from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..layouts.checkpoint import SCHEDULE_BUFFERS
@@ -398,16 +398,10 @@ def _copy(
     wrap = kind == "checkpoint"
     writer = open_writer(out, specs, metadata, [source.path], force, wrap)
     with writer:
-        for i, k in enumerate(kept):
-            t = alphas[k] if k in alphas else source.get(k)
-            if specs[k].dtype != dtypes.name_of(t.dtype) and t.is_floating_point():
-                t, n = dtypes.cast(t, specs[k].dtype)
-                if n:
-                    clamped.append((k, n))
-            writer.write(k, t)
-            del t
-            if on_progress:
-                on_progress(i + 1, len(kept), k)
+        # the writer casts (one clamp rule) and counts clamped values; unchanged tensors are copied raw
+        items = [stream.Item(writer, k, (k,), (lambda _t, a=alphas[k]: a) if k in alphas else None) for k in kept]
+        stream.run(source, items, on_progress=on_progress)
+        clamped = [(k, n) for k, n in writer.clamped.items()]
         if fresh:
             metadata = _rehash_cast(metadata, source, kept, specs, alphas)
         writer.finalize(metadata if container_out == "safetensors" else None)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .. import dtypes
+from .. import dtypes, stream
 from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, rank_of, scale_of, split_key
 from ..blockweights import BlockWeights
 from ..detect import detect_checkpoint
@@ -271,25 +271,29 @@ def merge_into_checkpoint(
         writers = _open_writers(stack, Path(out), base_source, out_specs, metadata, inputs, force,
                                 folder=match.naming == "diffusers")
         files = list({id(w): w for w, _ in writers.values()}.values())
-        for n, key in enumerate(specs, 1):
-            tensor = base_source.get(key)
-            if key in by_key:
-                mods = [adapters[a.adapter][0].modules[a.module] for a in by_key[key]]
+
+        def merged(key: str) -> Callable[[torch.Tensor], torch.Tensor]:
+            assignments = by_key[key]
+            mods = [adapters[a.adapter][0].modules[a.module] for a in assignments]
+
+            def fn(tensor: torch.Tensor) -> torch.Tensor:
                 work = tensor.numel() * sum(rank_of(m.family, m.tensors) or 64 for m in mods)
                 with threads(threads_for(work) if dev.type == "cpu" else None):
                     w = tensor.to(dev, torch.float32)
-                    for a, m in zip(by_key[key], mods):
+                    for a, m in zip(assignments, mods):
                         module = _module_on(m, dev)
                         lo, hi = a.rows if a.rows is not None else (0, w.shape[0])
                         if a.part == "bias":
                             w[lo:hi] += a.ratio * module.tensors["diff_b"].float().reshape(w[lo:hi].shape)
                         else:
                             w[lo:hi] = apply_to_weight(w[lo:hi], module, a.ratio)
-                tensor = w
-            writer, name = writers[key]
-            writer.write(name, tensor)
-            if on_progress:
-                on_progress(n, total, key)
+                return w
+
+            return fn
+
+        items = [stream.Item(writers[k][0], writers[k][1], (k,), merged(k) if k in by_key else None, specs[k].nbytes)
+                 for k in specs]
+        stream.run(base_source, items, on_progress=on_progress)
         for fw in files:
             fw.finalize(fw.metadata if isinstance(fw, SafetensorsWriter) else None)
     path = Path(out)

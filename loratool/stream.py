@@ -1,0 +1,192 @@
+"""The streaming engine of merge and convert: read ahead, compute, write behind — overlapped.
+
+A plan is a list of :class:`Item`: which writer gets which output key, made from which input key(s)
+by which function. :func:`run` then runs three stages at once:
+
+* a **reader** thread reads the inputs of the coming items (``pread``; the GIL is released while the
+  kernel copies), up to a byte budget ahead of the computation;
+* the **calling** thread computes each output tensor (torch releases the GIL too);
+* a **writer** thread writes finished tensors behind it, up to a byte budget.
+
+A tensor passed through unchanged (no function, same dtype, safetensors in and out) is never read
+into memory: the writer copies its bytes file to file with ``copy_file_range``. Memory is bounded by
+the two budgets plus the largest tensor (one item may exceed a budget when nothing else is queued).
+
+Any exception — a bad tensor, a full disk, SIGINT/SIGTERM in the calling thread — stops both threads
+before it propagates, so the writers' ``__exit__`` can remove their temporary files safely.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+#: Default bytes read ahead of the computation and queued behind it for writing (each).
+DEFAULT_BUDGET = 256 << 20
+
+
+@dataclass(frozen=True)
+class Item:
+    """One output tensor: ``writer.write(key, fn(*inputs))``; ``fn`` None passes ``inputs[0]`` through."""
+
+    writer: Any
+    key: str
+    inputs: tuple[str, ...]
+    fn: Callable[..., torch.Tensor] | None = None
+    nbytes: int = 0  # size of the inputs, for the read-ahead budget
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Budgeted:
+    """A FIFO queue bounded by the bytes of what it holds (an item larger than the bound waits for an empty queue)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.held = 0
+        self.items: deque = deque()
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.peak = 0
+
+    def put(self, item, nbytes: int) -> None:
+        with self.cond:
+            while not self.stopped and self.items and self.held + nbytes > self.budget:
+                self.cond.wait()
+            if self.stopped:
+                raise _Stop
+            self.items.append((item, nbytes))
+            self.held += nbytes
+            self.peak = max(self.peak, self.held)
+            self.cond.notify_all()
+
+    def get(self):
+        with self.cond:
+            while not self.stopped and not self.items:
+                self.cond.wait()
+            if self.stopped and not self.items:
+                raise _Stop
+            item, nbytes = self.items.popleft()
+            self.held -= nbytes
+            self.cond.notify_all()
+            return item
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.items.clear()
+            self.held = 0
+            self.cond.notify_all()
+
+
+@dataclass
+class StreamStats:
+    """What a run did: tensors computed, tensors copied raw, and the peak bytes held in each queue."""
+
+    computed: int = 0
+    copied: int = 0
+    peak_read_ahead: int = 0
+    peak_write_behind: int = 0
+
+
+def _raw_copyable(source, item: Item):
+    if item.fn is not None or len(item.inputs) != 1 or not hasattr(item.writer, "copy_raw"):
+        return None
+    key = item.inputs[0]
+    if source.spec(key).dtype != item.writer.specs[item.key].dtype:
+        return None
+    return source.raw_range(key)
+
+
+def run(
+    source,
+    items: Sequence[Item],
+    budget: int = DEFAULT_BUDGET,
+    on_progress: Callable[[int, int, str], None] | None = None,
+) -> StreamStats:
+    """Stream every item from ``source`` through its function into its writer (see the module docstring).
+
+    The writers must already be open; finalizing them is the caller's job. Raises whatever a stage raised.
+    """
+    stats = StreamStats()
+    ahead, behind = _Budgeted(budget), _Budgeted(budget)
+    errors: list[BaseException] = []
+    raw = [_raw_copyable(source, it) for it in items]
+
+    def reader() -> None:
+        last: tuple[str, Any] | None = None  # q, k, v slices of one fused tensor read it once
+        try:
+            for it, rng in zip(items, raw):
+                if rng is not None:
+                    ahead.put(None, 0)
+                    continue
+                tensors = []
+                for key in it.inputs:
+                    if last is None or last[0] != key:
+                        last = (key, source.get(key))
+                    tensors.append(last[1])
+                ahead.put(tensors, it.nbytes or sum(t.numel() * t.element_size() for t in tensors))
+        except _Stop:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            errors.append(exc)
+            ahead.stop()
+
+    def writer() -> None:
+        try:
+            while True:
+                job = behind.get()
+                if job is None:
+                    return
+                it, payload, rng = job
+                if rng is not None:
+                    it.writer.copy_raw(it.key, *rng, source.spec(it.inputs[0]).dtype)
+                else:
+                    it.writer.write(it.key, payload)
+        except _Stop:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            errors.append(exc)
+            behind.stop()
+            ahead.stop()
+
+    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
+    for t in threads:
+        t.start()
+    ok = False
+    try:
+        for n, (it, rng) in enumerate(zip(items, raw), 1):
+            tensors = ahead.get()
+            if rng is not None:
+                behind.put((it, None, rng), 0)
+                stats.copied += 1
+            else:
+                out = it.fn(*tensors) if it.fn is not None else tensors[0]
+                del tensors
+                behind.put((it, out, None), out.numel() * out.element_size())
+                stats.computed += 1
+            if on_progress:
+                on_progress(n, len(items), it.key)
+        behind.put(None, 0)
+        threads[1].join()
+        ok = True
+    except _Stop:  # a thread failed: its error is in `errors`
+        pass
+    finally:
+        ahead.stop()
+        if not ok:
+            behind.stop()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    stats.peak_read_ahead, stats.peak_write_behind = ahead.peak, behind.peak
+    return stats

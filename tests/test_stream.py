@@ -1,0 +1,115 @@
+"""The pipelined streaming engine: same bytes as a plain loop, raw copies, bounded queues, errors stop everything."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from loratool import stream
+from loratool.source import TensorSpec, open_file
+from loratool.writer import SafetensorsWriter, save_tensors
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def _source(tmp_path: Path, n: int = 40) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"t{i:02d}": torch.randn(64, 32 + i, generator=gen).to(torch.float16 if i % 2 else torch.float32)
+               for i in range(n)}
+    tensors["ids"] = torch.arange(10)
+    return save_tensors(tmp_path / "src.safetensors", tensors)
+
+
+def _plain_loop(src, out: Path, dtype_of, fn_of) -> bytes:
+    specs = {k: TensorSpec(src.spec(k).shape, dtype_of(k)) for k in src.keys()}
+    with SafetensorsWriter(out, specs) as w:
+        for k in src.keys():
+            t = src.get(k)
+            fn = fn_of(k)
+            w.write(k, fn(t) if fn else t)
+        w.finalize()
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("budget", [1, 4096, stream.DEFAULT_BUDGET])
+def test_engine_writes_what_a_plain_loop_writes(tmp_path, budget):
+    src = open_file(_source(tmp_path))
+    dtype_of = lambda k: "BF16" if k in ("t03", "t04") else src.spec(k).dtype  # noqa: E731 - two casts, the rest raw
+    fn_of = lambda k: (lambda t: t * 2) if k.endswith("7") else None  # noqa: E731
+    expected = _plain_loop(src, tmp_path / "plain.safetensors", dtype_of, fn_of)
+    specs = {k: TensorSpec(src.spec(k).shape, dtype_of(k)) for k in src.keys()}
+    calls = []
+    with SafetensorsWriter(tmp_path / "piped.safetensors", specs) as w:
+        stats = stream.run(src, [stream.Item(w, k, (k,), fn_of(k)) for k in src.keys()], budget=budget,
+                           on_progress=lambda d, n, k: calls.append(d))
+        w.finalize()
+    assert (tmp_path / "piped.safetensors").read_bytes() == expected
+    assert calls == list(range(1, len(src.keys()) + 1))
+    assert stats.copied == len(src.keys()) - 2 - 4 and stats.computed == 6  # raw copies never read the tensor
+    largest = max(s.nbytes for s in specs.values())
+    assert stats.peak_read_ahead <= max(budget, largest) and stats.peak_write_behind <= max(budget, largest)
+
+
+def test_raw_copy_falls_back_without_copy_file_range(tmp_path, monkeypatch):
+    src = open_file(_source(tmp_path))
+    expected = _plain_loop(src, tmp_path / "plain.safetensors", lambda k: src.spec(k).dtype, lambda k: None)
+
+    def unsupported(*a, **k):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    specs = src.specs()
+    with SafetensorsWriter(tmp_path / "piped.safetensors", specs) as w:
+        assert stream.run(src, [stream.Item(w, k, (k,)) for k in specs]).copied == len(specs)
+        w.finalize()
+    assert (tmp_path / "piped.safetensors").read_bytes() == expected
+
+
+@pytest.mark.parametrize("where", ["read", "compute", "write"])
+def test_a_failure_in_any_stage_stops_the_run_and_leaves_no_file(tmp_path, monkeypatch, where):
+    src = open_file(_source(tmp_path))
+    specs = {k: TensorSpec(s.shape, "F32") for k, s in src.specs().items() if k != "ids"}
+    real_get, real_write = src.get, SafetensorsWriter.write
+
+    def get(key):
+        if where == "read" and key == "t20":
+            raise ValueError("bad read")
+        return real_get(key)
+
+    def write(self, key, t):
+        if where == "write" and key == "t20":
+            raise ValueError("bad write")
+        return real_write(self, key, t)
+
+    def fn(t):
+        if where == "compute" and t.shape[1] == 52:
+            raise ValueError("bad compute")
+        return t
+
+    monkeypatch.setattr(src, "get", get)
+    monkeypatch.setattr(SafetensorsWriter, "write", write)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(ValueError, match=f"bad {where}"):
+        with SafetensorsWriter(out, specs) as w:
+            stream.run(src, [stream.Item(w, k, (k,), fn) for k in specs])
+            w.finalize()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]
+
+
+def test_merge_copies_untouched_tensors_byte_for_byte(tmp_path):
+    from loratool.cli import main
+
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", str(FIX / "sd15-tiny.safetensors"), str(FIX / "sd15-lora-kohya.safetensors"), "-o", str(out)]) == 0
+    base, merged = open_file(FIX / "sd15-tiny.safetensors"), open_file(out)
+    lora_targets = {k for k in base.keys() if not torch.equal(base.get(k), merged.get(k))}
+    assert len(lora_targets) == 350  # the kohya table's 350 weights changed; every other tensor is identical
+    for k in base.keys():
+        if k not in lora_targets:
+            fd, off, n = base.raw_range(k)
+            mfd, moff, mn = merged.raw_range(k)
+            assert os.pread(fd, n, off) == os.pread(mfd, mn, moff), k
