@@ -59,9 +59,9 @@ def child_main(steps: dict[str, Callable[..., object]], argv: list[str]) -> None
     print(json.dumps(result))
 
 
-def run_child(script: str, *args: str) -> dict:
-    """Run ``python script --child args...`` and return its measurement."""
-    proc = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True)
+def run_child(script: str, *args: str, python: str | None = None) -> dict:
+    """Run ``python script --child args...`` (``python``: another interpreter) and return its measurement."""
+    proc = subprocess.run([python or sys.executable, script, "--child", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{args[0]} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

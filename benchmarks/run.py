@@ -1,13 +1,22 @@
-"""Whole-process benchmarks: loratool's commands against naive in-process baselines, in one run.
+"""Whole-process benchmarks: loratool's commands against ``cp``, naive baselines and sd-mecha, in one run.
 
-    python benchmarks/run.py [--sdxl] [--keep DIR]
+    python benchmarks/run.py [--sdxl] [--repeats N] [--keep DIR] [--mecha-python PY] [--no-lowrank]
 
 Generates full-size synthetic files with the real SD1.5 (and with --sdxl, SDXL) layouts — seeded,
-streamed to disk — then measures, each in its own process, loratool and the naive way of doing the
-same job (``safetensors.torch.load_file`` everything, work in memory, ``save_file``), and prints
-wall-time and memory ratios (loratool / naive). resize and extract have their own script with
-dense-SVD baselines (benchmarks/bench_resize_extract.py); run.py runs it too unless --no-lowrank.
-Not part of the test suite: on this 2-core machine SD1.5 takes a few minutes, SDXL ~10 more.
+streamed to disk — then measures, each in its own process and each ``--repeats`` times (medians):
+
+* ``loratool``: the command (``inspect --json``, ``convert --dtype bf16``, ``merge`` a rank-32 LoRA at 0.8);
+* ``cp+sync``: ``cp`` of the same input file, then ``sync`` — the physical limit of a streamed job that
+  reads the base once and writes the output once (loratool fsyncs its output too);
+* ``naive``: ``safetensors.torch.load_file`` everything, work in memory, ``save_file``;
+* ``sd-mecha`` (merge only, where ``import sd_mecha`` works in ``--mecha-python``, default this python):
+  its streamed ``add_difference(base, convert(lora, base), alpha=0.8)`` merge of the same files.
+
+Every case runs **cold** (the input dropped from the page cache with ``posix_fadvise(DONTNEED)``
+first) and **warm** (the input read once first). Ratios are to ``cp+sync`` in the same mode. resize and
+extract have their own script with dense-SVD baselines (benchmarks/bench_resize_extract.py); run.py runs
+it too unless --no-lowrank. Generated files go to a temp folder, deleted at the end unless --keep.
+Not part of the test suite: on this 2-core machine SD1.5 takes a few minutes, SDXL ~15 more.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,7 +97,26 @@ def merge_naive(ckpt: str, lora: str, out: str) -> None:
     save_file(sd, out)
 
 
+def cp_sync(ckpt: str, lora: str, out: str) -> None:
+    subprocess.run(["cp", ckpt, out], check=True)
+    subprocess.run(["sync"], check=True)
+
+
+def merge_mecha(ckpt: str, lora: str, out: str) -> None:
+    """sd-mecha's streamed LoRA merge (1.x API). ``add_difference`` itself fails on an unsolved merge space
+    in 1.1.8, so the linear method is called directly, with the base as fallback for untouched keys."""
+    import sd_mecha
+    from sd_mecha.extensions.builtin.merge_methods import linear
+
+    arch = "sdxl" if "sdxl" in Path(ckpt).name else "sd1"
+    base = sd_mecha.model(ckpt, "sdxl-sgm" if arch == "sdxl" else "sd1-ldm")
+    delta = sd_mecha.convert(sd_mecha.model(lora, f"{arch}-kohya_kohya_lora"), base)
+    sd_mecha.merge(linear.add_difference(base, delta, alpha=0.8) | base, output=out)
+
+
 STEPS = {f"{job}_{kind}": globals()[f"{job}_{kind}"] for job in ("inspect", "convert", "merge") for kind in ("loratool", "naive")}
+STEPS["cp_sync"] = cp_sync
+STEPS["merge_mecha"] = merge_mecha
 
 
 # ----------------------------------------------------------------------------- driver
@@ -105,32 +134,65 @@ def _files(folder: Path, arch: str) -> tuple[Path, Path]:
     return ckpt, lora
 
 
-def _bench_arch(folder: Path, arch: str) -> list[tuple[str, dict, dict]]:
+def cold(path: str) -> None:
+    """Drop a file's pages from the page cache (clean pages only: the inputs are never written)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _measure(folder: Path, step: str, ckpt: Path, lora: Path, mode: str, repeats: int, python: str | None = None) -> dict:
+    runs = []
+    for _ in range(repeats):
+        out = folder / f"out-{step}.safetensors"
+        (warm if mode == "warm" else cold)(str(ckpt))
+        (warm if mode == "warm" else cold)(str(lora))
+        runs.append(run_child(str(HERE), step, str(ckpt), str(lora), str(out), python=python))
+        if out.exists():
+            out.unlink()
+        subprocess.run(["sync"], check=True)  # the next run starts without someone else's dirty pages
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+
+
+def _mecha_python(arg: str | None) -> str | None:
+    py = arg or sys.executable
+    ok = subprocess.run([py, "-c", "import sd_mecha"], capture_output=True).returncode == 0
+    return py if ok else None
+
+
+def _bench_arch(folder: Path, arch: str, repeats: int, mecha: str | None) -> list[tuple[str, str, str, dict]]:
     ckpt, lora = _files(folder, arch)
     rows = []
-    for job in ("inspect", "convert", "merge"):
-        results = {}
-        for kind in ("loratool", "naive"):
-            out = folder / f"out-{job}-{kind}.safetensors"
-            warm(str(ckpt))
-            results[kind] = run_child(str(HERE), f"{job}_{kind}", str(ckpt), str(lora), str(out))
-            if out.exists():
-                out.unlink()
-        rows.append((f"{arch} {job}", results["loratool"], results["naive"]))
-        print(f"  {arch} {job}: done", file=sys.stderr)
+    for mode in ("cold", "warm"):
+        cp = _measure(folder, "cp_sync", ckpt, lora, mode, repeats)
+        rows.append((arch, mode, "cp+sync", cp))
+        for job in ("inspect", "convert", "merge"):
+            for kind in ("loratool", "naive", "mecha"):
+                if kind == "mecha" and (job != "merge" or mecha is None):
+                    continue
+                python = mecha if kind == "mecha" else None
+                try:
+                    result = _measure(folder, f"{job}_{kind}", ckpt, lora, mode, repeats, python)
+                except RuntimeError as exc:  # a peer tool that fails on this input is reported, not fatal
+                    last = [line for line in str(exc).splitlines() if line.strip()][-1]
+                    print(f"  {arch} {mode} {job} {kind} failed: {last}", file=sys.stderr)
+                    for stale in folder.glob("out-*"):
+                        stale.unlink()
+                    continue
+                result["vs_cp"] = result["seconds"] / cp["seconds"]
+                rows.append((arch, mode, f"{job} {kind}", result))
+            print(f"  {arch} {mode} {job}: done", file=sys.stderr)
     return rows
 
 
-def _table(rows: list[tuple[str, dict, dict]]) -> str:
-    lines = [
-        f"{'job':16} {'loratool s':>10} {'naive s':>8} {'time ×':>7} {'peak RSS MiB':>18} {'own (anon) MiB':>18} {'anon ×':>7}",
-    ]
-    for name, lt, nv in rows:
-        lines.append(
-            f"{name:16} {lt['seconds']:10.2f} {nv['seconds']:8.2f} {lt['seconds'] / nv['seconds']:7.2f} "
-            f"{lt['maxrss_mib']:8.0f} / {nv['maxrss_mib']:7.0f} {lt['anon_mib']:8.0f} / {nv['anon_mib']:7.0f} "
-            f"{lt['anon_mib'] / max(nv['anon_mib'], 1):7.2f}"
-        )
+def _table(rows: list[tuple[str, str, str, dict]]) -> str:
+    lines = [f"{'arch':5} {'cache':5} {'job':18} {'seconds':>8} {'× cp+sync':>10} {'peak RSS MiB':>13} {'own (anon) MiB':>15}"]
+    for arch, mode, name, r in rows:
+        ratio = f"{r['vs_cp']:10.2f}" if "vs_cp" in r else f"{'1.00':>10}"
+        lines.append(f"{arch:5} {mode:5} {name:18} {r['seconds']:8.2f} {ratio} {r['maxrss_mib']:13.0f} {r['anon_mib']:15.0f}")
     return "\n".join(lines)
 
 
@@ -140,6 +202,8 @@ def main() -> None:
     ap.add_argument("--sdxl", action="store_true", help="also benchmark the SDXL layout (~7 GB file)")
     ap.add_argument("--keep", help="work in this folder and keep the generated files")
     ap.add_argument("--no-lowrank", action="store_true", help="skip benchmarks/bench_resize_extract.py")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per case (medians are printed)")
+    ap.add_argument("--mecha-python", help="a python that can import sd_mecha (default: this one, if it can)")
     args = ap.parse_args()
     if args.child:
         child_main(STEPS, args.child)
@@ -147,10 +211,12 @@ def main() -> None:
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="loratool-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        rows = _bench_arch(folder, "sd1")
+        mecha = _mecha_python(args.mecha_python)
+        rows = _bench_arch(folder, "sd1", args.repeats, mecha)
         if args.sdxl:
-            rows += _bench_arch(folder, "sdxl")
-        print(f"{os.cpu_count()} CPUs; ratios are loratool / naive (lower is better)")
+            rows += _bench_arch(folder, "sdxl", args.repeats, mecha)
+        print(f"{os.cpu_count()} CPUs; medians of {args.repeats}; '× cp+sync' is the ratio to cp + sync of the same input in the"
+              f" same cache mode{'' if mecha else '; sd-mecha not importable, skipped'}")
         print(_table(rows))
         if not args.no_lowrank:
             sys.stdout.flush()

@@ -128,11 +128,13 @@ def cast(t: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
     clamped = 0
     if target.is_floating_point:
         limit = torch.finfo(target).max
-        if torch.finfo(t.dtype).max > limit:
-            over = t.abs() > limit  # NaN compares False and stays NaN
-            clamped = int(over.sum())
-            if clamped:
-                t = t.clamp(-limit, limit)
+        if torch.finfo(t.dtype).max > limit and t.numel():
+            lo, hi = torch.aminmax(t)  # one pass, no temporary: the common case (in range) ends here
+            if not (float(hi) <= limit and float(lo) >= -limit):  # out of range, or NaN present
+                over = t.abs() > limit  # NaN compares False and stays NaN
+                clamped = int(over.sum())
+                if clamped:
+                    t = t.clamp(-limit, limit)
     return t.to(target), clamped
 
 

@@ -5,8 +5,9 @@ by which function. :func:`run` then runs three stages at once:
 
 * a **reader** thread reads the inputs of the coming items (``pread``; the GIL is released while the
   kernel copies), up to a byte budget ahead of the computation;
-* the **calling** thread computes each output tensor (torch releases the GIL too);
-* a **writer** thread writes finished tensors behind it, up to a byte budget.
+* the **calling** thread computes each output tensor and casts it to its planned dtype (torch releases
+  the GIL too);
+* a **writer** thread writes finished tensors behind it, up to a byte budget (``pwrite``: bytes only).
 
 A tensor passed through unchanged (no function, same dtype, safetensors in and out) is never read
 into memory: the writer copies its bytes file to file with ``copy_file_range``. Memory is bounded by
@@ -171,6 +172,8 @@ def run(
             else:
                 out = it.fn(*tensors) if it.fn is not None else tensors[0]
                 del tensors
+                if hasattr(it.writer, "cast"):  # casts here, so the writer thread only moves bytes
+                    out = it.writer.cast(it.key, out)
                 behind.put((it, out, None), out.numel() * out.element_size())
                 stats.computed += 1
             if on_progress:

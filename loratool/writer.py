@@ -152,12 +152,18 @@ class StreamingOutput:
         spec = self.specs[key]
         if tuple(tensor.shape) != spec.shape:
             raise InternalError(f"tensor {key!r} has shape {tuple(tensor.shape)}, planned {spec.shape}")
-        t, n = dtypes.cast(tensor.detach(), spec.dtype)
-        if n:
-            self.clamped[key] = n
+        t = self.cast(key, tensor.detach())
         if t.dtype != dtypes.to_torch(spec.dtype):
             raise InternalError(f"tensor {key!r} is {t.dtype}, planned {spec.dtype}")
         return t.to("cpu").contiguous().reshape(-1)
+
+    def cast(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in ``key``'s planned dtype by the one clamp rule (:func:`loratool.dtypes.cast`),
+        counting clamped values in :attr:`clamped`. The streaming engine calls it in the computing thread."""
+        t, n = dtypes.cast(tensor, self.specs[key].dtype) if key in self.specs else (tensor, 0)
+        if n:
+            self.clamped[key] = n
+        return t
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         """Write one planned tensor; it is cast to the planned dtype, and its shape must match."""
