@@ -28,6 +28,8 @@ DEVICES = ("auto", "cpu", "cuda")
 #: Work per call (output elements × inner dimension) below which one thread is as fast as many
 #: (a 1280×1280 rank-32 update, 5e7, runs twice as fast on two threads).
 SMALL_WORK = 1 << 22
+#: The same for factorizations (QR, SVD): LAPACK panels gain from threads only on much larger matrices.
+SMALL_FACTORIZATION = 1 << 28
 
 
 def resolve_device(device: str) -> torch.device:
@@ -62,8 +64,8 @@ def threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def threads_for(work: int) -> int | None:
-    """Threads for a call doing ``work`` multiply-adds: 1 below :data:`SMALL_WORK`, else None (torch's pool).
+def threads_for(work: int, small: int = SMALL_WORK) -> int | None:
+    """Threads for a call doing ``work`` multiply-adds: 1 below ``small``, else None (torch's pool).
 
     ``LORATOOL_THREADS=N`` fixes the count for every call; ``LORATOOL_THREADS=all`` always uses torch's
     default pool (the behaviour without a policy, kept for the benchmark).
@@ -73,4 +75,4 @@ def threads_for(work: int) -> int | None:
         return None
     if override.isdigit() and int(override) > 0:
         return int(override)
-    return 1 if work < SMALL_WORK else None
+    return 1 if work < small else None

@@ -22,7 +22,7 @@ from ..errors import LoratoolError, MappingError, listing
 from ..layouts import ARCH_LABELS, ModuleTarget, kohya_modules
 from ..layouts.naming import all_modules
 from ..metadata import iso_date, with_hashes
-from ..runtime import resolve_device, threads, threads_for
+from ..runtime import SMALL_FACTORIZATION, resolve_device, threads, threads_for
 from ..source import open_file
 from ..writer import check_output, container_for, save_tensors
 from .lowrank import (
@@ -174,7 +174,7 @@ def extract_lora(
             kind = target.kind
             cap = conv_rank if kind == "conv3x3" else rank
             work = w_t.numel() * (w_t.shape[0] if exact else (cap or 1) + oversample) * (1 if exact else 2 * n_iter + 2)
-            with threads(threads_for(work) if dev.type == "cpu" else None):
+            with threads(threads_for(work, SMALL_FACTORIZATION) if dev.type == "cpu" else None):
                 pending_one = _extract_one(target, w_t, w_b, dev, kind, cap, exact, rule, oversample, n_iter, seed, min_diff)
             if pending_one is None:
                 skipped.append(target.name)

@@ -276,6 +276,10 @@ def merge_into_checkpoint(
             assignments = by_key[key]
             mods = [adapters[a.adapter][0].modules[a.module] for a in assignments]
 
+            writer, name = writers[key]
+            if dev.type == "cpu" and all(_plain_lora(a, m) for a, m in zip(assignments, mods)):
+                return lambda tensor: _merge_blocked(tensor, assignments, mods, writer, name)
+
             def fn(tensor: torch.Tensor) -> torch.Tensor:
                 work = tensor.numel() * sum(rank_of(m.family, m.tensors) or 64 for m in mods)
                 with threads(threads_for(work) if dev.type == "cpu" else None):
@@ -304,6 +308,53 @@ def merge_into_checkpoint(
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def _plain_lora(a: Assignment, m: AdapterModule) -> bool:
+    return a.part == "weight" and m.family == "lora" and "mid" not in m.tensors and not m.is_dora
+
+
+_BLOCK_BYTES = 1 << 20  # fp32 rows per block: ~1 MiB stays in cache through convert, update and cast
+
+
+def _merge_blocked(tensor: torch.Tensor, assignments, mods, writer, name: str) -> torch.Tensor:
+    """``W + Σ ratio·(alpha/rank)·up @ down`` for plain LoRA modules, a block of rows at a time.
+
+    The same float32 arithmetic as :func:`~loratool.adapters.apply_to_weight` (one ``addmm`` per
+    module on the rows it covers), but each block is converted, updated and cast to the output dtype
+    while it is in cache, straight into the output tensor, instead of three passes over the whole
+    weight in memory.
+    """
+    rows = tensor.shape[0]
+    flat = tensor.reshape(rows, -1)
+    out_dtype = writer.specs[name].dtype
+    out = torch.empty(flat.shape, dtype=dtypes.to_torch(out_dtype))
+    factors = []
+    for a, m in zip(assignments, mods):
+        up = m.tensors["up"].float().reshape(m.tensors["up"].shape[0], -1) * (a.ratio * scale_of("lora", m.tensors))
+        down = m.tensors["down"].float().reshape(m.tensors["down"].shape[0], -1)
+        lo, hi = a.rows if a.rows is not None else (0, rows)
+        if up.shape[0] != hi - lo or down.shape[1] != flat.shape[1]:
+            raise MappingError(
+                f"{m.target.name}: ΔW is {up.shape[0]}×{down.shape[1]}, its target {name} rows {lo}:{hi} are "
+                f"{hi - lo}×{flat.shape[1]}", hint="the adapter was made for a different model")
+        factors.append((lo, hi, up, down))
+    step = max(1, _BLOCK_BYTES // (4 * max(1, flat.shape[1])))
+    clamped = 0
+    with threads(1):  # small blocks: threads would only wait on each other
+        for i in range(0, rows, step):
+            j = min(rows, i + step)
+            block = flat[i:j].float()
+            for lo, hi, up, down in factors:
+                a, b = max(i, lo), min(j, hi)
+                if a < b:
+                    block[a - i:b - i].addmm_(up[a - lo:b - lo], down)
+            cast, n = dtypes.cast(block, out_dtype)
+            out[i:j] = cast
+            clamped += n
+    if clamped:
+        writer.clamped[name] = writer.clamped.get(name, 0) + clamped
+    return out.reshape(tensor.shape)
 
 
 def _open_writers(stack: ExitStack, out: Path, base_source, out_specs, metadata, inputs, force: bool, folder: bool):
