@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # support.synth: the file generator
 
 from harness import measured  # noqa: E402
 
@@ -140,7 +141,8 @@ def _step(step: str, p: Path, sample: int | None) -> dict:
     if step == "setup" and (p / "tuned.safetensors").exists():
         extra = {"note": "files kept from an earlier run (--keep)"}
     elif step == "setup":
-        from loratool.synth import iter_lora, write_checkpoint
+        from support.synth import iter_lora, write_checkpoint
+
         from loratool.writer import save_tensors
 
         save_tensors(p / "lora128.safetensors", dict(iter_lora("sd1", rank=RANK_IN, alpha=64, factor=1, seed=7)), force=True)

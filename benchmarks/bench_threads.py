@@ -37,7 +37,8 @@ while True:
 
 
 def _setup(p: Path) -> None:
-    from loratool.synth import iter_lora, write_checkpoint
+    from support.synth import iter_lora, write_checkpoint
+
     from loratool.writer import save_tensors
 
     if not (p / "lora128.safetensors").exists():
@@ -110,4 +111,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # support.synth
     main()

@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # support.synth: the file generator
 
 from harness import child_main, run_child, warm  # noqa: E402
 
@@ -123,7 +124,8 @@ STEPS["merge_mecha"] = merge_mecha
 
 
 def _files(folder: Path, arch: str) -> tuple[Path, Path]:
-    from loratool.synth import iter_lora, write_checkpoint
+    from support.synth import iter_lora, write_checkpoint
+
     from loratool.writer import save_tensors
 
     ckpt, lora = folder / f"{arch}-full.safetensors", folder / f"{arch}-lora-r32.safetensors"

@@ -65,33 +65,30 @@ SUFFIXES_BY_NAMING = {"kohya": KOHYA_SUFFIXES, "peft": PEFT_SUFFIXES, "diffusers
 
 @dataclass(frozen=True)
 class Family:
-    """An adapter family: its roles, and the role whose presence identifies it."""
+    """An adapter family: its display label and every role a module of it may hold."""
 
     name: str
     label: str
-    detector: str
     roles: frozenset[str]
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("lora", "LoRA", "down", frozenset({"down", "up", "mid", "alpha", "dora_scale"})),
+        Family("lora", "LoRA", frozenset({"down", "up", "mid", "alpha", "dora_scale"})),
         Family(
             "loha",
             "LoHa",
-            "hada_w1_a",
             frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"}),
         ),
         Family(
             "lokr",
             "LoKr",
-            "lokr_w1",
             frozenset(
                 {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha", "dora_scale"}
             ),
         ),
-        Family("full", "full diff", "diff", frozenset({"diff", "diff_b"})),
+        Family("full", "full diff", frozenset({"diff", "diff_b"})),
     )
 }
 
@@ -168,11 +165,8 @@ class AdapterIndex:
 def _native_module_names(module: str, naming: str) -> list[str]:
     if naming == "kohya":
         return [module]
-    # PEFT / diffusers names may carry a component prefix in several spellings.
+    # PEFT files saved from a bare UNet carry ``base_model.model.`` instead of the component prefix.
     names = [module]
-    for old, new in (("unet.", "unet."), ("text_encoder.", "text_encoder."), ("text_encoder_2.", "text_encoder_2.")):
-        if module.startswith(old):
-            names.append(new + module[len(old):])
     if module.startswith("base_model.model."):
         names.append("unet." + module[len("base_model.model."):])
     return names

@@ -120,6 +120,15 @@ _EMBEDDING_KEYS = ("emb_params", "clip_l", "clip_g", "string_to_param")
 _VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.", "vae/")
 
 
+ADAPTER_SHARE = 0.5  # a file is an adapter when at least this share of its keys carry an adapter suffix
+
+
+def is_adapter(keys: Sequence[str]) -> bool:
+    """The one rule every command uses: at least :data:`ADAPTER_SHARE` of the keys are adapter keys."""
+    keys = list(keys)
+    return bool(keys) and adapter_key_share(keys) >= ADAPTER_SHARE
+
+
 def adapter_key_share(keys: Sequence[str]) -> float:
     """Share of keys that end in an adapter suffix (``.lora_down.weight``, ``.hada_w1_a``, ``.lora_A.weight``...)."""
     from .adapters import split_key
@@ -263,7 +272,7 @@ def detect_file(
     """
     metadata = metadata or {}
     keys = list(specs)
-    if keys and adapter_key_share(keys) >= 0.5:
+    if is_adapter(keys):
         return _detect_adapter(specs, metadata, arch)
     ranked = score_checkpoint(specs)
     if ranked[0].score < MIN_SCORE or ranked[0].coverage < 0.9:

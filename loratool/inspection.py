@@ -15,10 +15,6 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
 
 from . import dtypes
 from .adapters import AdapterIndex, AdapterModule, delta, rank_of, scale_of, shrink_factor

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import dtypes
-from .errors import FormatError, LoratoolError, UnsafePickleError, listing
+from .errors import FormatError, LoratoolError, UnsafePickleError
 
 if TYPE_CHECKING:
     import torch
@@ -618,12 +618,3 @@ def open_file(path: str | os.PathLike) -> SafetensorsSource | PickleSource | Dif
         f"{p}: not a model file (neither safetensors nor a zip-format torch file)",
         hint="loratool reads .safetensors, .ckpt/.pt/.pth/.bin and diffusers folders",
     )
-
-
-def check_specs_match(path: Path, specs: dict[str, TensorSpec], expected: dict[str, TensorSpec]) -> None:
-    """Raise a MappingError listing every key whose shape differs from ``expected``."""
-    bad = [f"{k} {specs[k].shape}≠{expected[k].shape}" for k in expected if k in specs and specs[k].shape != expected[k].shape]
-    if bad:
-        from .errors import MappingError
-
-        raise MappingError(f"{path}: shape mismatch: {listing(bad, 4)}", hint="the files are for different models")

@@ -126,14 +126,6 @@ def inject_lora(
     return out
 
 
-def remove_lora(model: StableDiffusion, modules: dict[str, LoRAModule]) -> None:
-    """Put the base layers back (undo :func:`inject_lora`)."""
-    for name, mod in modules.items():
-        path = _module_path(kohya_modules("sd1")[name].address)
-        parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), child, mod.base)
-
-
 def lora_tensors(modules: dict[str, LoRAModule], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """kohya keys: ``NAME.lora_down.weight``, ``NAME.lora_up.weight``, ``NAME.alpha`` (sorted by key)."""
     out: dict[str, torch.Tensor] = {}

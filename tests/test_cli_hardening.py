@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
+from support.synth import make_lora
 
 from loratool.cli import main
-from loratool.synth import make_lora
 from loratool.writer import save_tensors
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.synth import checkpoint_specs
 
 from loratool import dtypes
 from loratool.detect import detect_file
@@ -11,7 +12,6 @@ from loratool.errors import DetectionError
 from loratool.inspection import inspect_source
 from loratool.layouts import ARCHES, adapter_layout, adapter_layout_names, checkpoint_layout, kohya_modules
 from loratool.source import TensorSpec
-from loratool.synth import checkpoint_specs
 
 
 class SpecSource:

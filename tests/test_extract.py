@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from support.synth import make_checkpoint
 
 from loratool.adapters import delta, load_adapter
 from loratool.cli import main
@@ -15,7 +16,6 @@ from loratool.metadata import kohya_hashes
 from loratool.ops.extract import _rows, extract_lora
 from loratool.ops.lowrank import parse_rule, randomized_svd, seed_for
 from loratool.source import open_file
-from loratool.synth import make_checkpoint
 from loratool.writer import save_tensors
 
 RANK = 2

@@ -8,10 +8,10 @@ import struct
 
 import pytest
 import torch
+from support.synth import make_lora
 
 from loratool.cli import main
 from loratool.metadata import with_hashes
-from loratool.synth import make_lora
 from loratool.writer import save_tensors
 
 GOLDEN_TOP = {
@@ -146,7 +146,7 @@ def test_diffusers_folder_and_subprocess(capsys, tmp_path, fixtures):
     import subprocess
     import sys
 
-    from loratool.synth import checkpoint_specs, random_tensor
+    from support.synth import checkpoint_specs, random_tensor
 
     specs = checkpoint_specs("sd1", "diffusers", 64)
     for comp in ("unet", "text_encoder", "vae"):
@@ -189,7 +189,7 @@ def test_doc_examples_run(capsys):
 
 
 def test_pickle_checkpoint(capsys, tmp_path):
-    from loratool.synth import make_checkpoint
+    from support.synth import make_checkpoint
 
     p = tmp_path / "model.ckpt"
     torch.save({"state_dict": make_checkpoint("sd1", seed=3)}, p)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from support import synth
 
-from loratool import synth
 from loratool.adapters import apply_to_weight, delta, load_adapter
 from loratool.blockweights import block_of, parse_block_weights
 from loratool.cli import main

@@ -1,11 +1,11 @@
 """An adapter whose keys fit SD1 and SD2 equally (UNet self-attention only) takes the base's arch."""
 
 import torch
+from support.synth import make_lora
 
 from loratool.cli import main
 from loratool.errors import DetectionError
 from loratool.source import open_file
-from loratool.synth import make_lora
 from loratool.writer import save_tensors
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from support.synth import make_lora
 
 from loratool.adapters import delta, load_adapter
 from loratool.cli import main
@@ -15,7 +16,6 @@ from loratool.metadata import kohya_hashes
 from loratool.ops.lowrank import SvFro, parse_rule
 from loratool.ops.resize import resize_lora
 from loratool.source import open_file
-from loratool.synth import make_lora
 from loratool.writer import save_tensors
 
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.synth import make_lora
 
 from loratool.cli import main
 from loratool.errors import LoratoolError
 from loratool.model import load_model
 from loratool.sample import LoraRef, apply_lora, ddim_timesteps, parse_prompt, parse_size
-from loratool.synth import make_lora
 from loratool.writer import save_tensors
 
 BASE = Path(__file__).resolve().parent.parent / "loratool" / "assets" / "tiny-sd1.safetensors"

@@ -244,7 +244,7 @@ def _clip_rules(arch: str) -> list[_Rule]:
     return [_Rule(_PREFIXES[arch]["text_encoder"] + "text_model", "text_encoder/text_model")]
 
 
-def _openclip_rules(arch: str, d: int) -> list[_Rule]:
+def _openclip_rules(arch: str) -> list[_Rule]:
     comp = _OPENCLIP[arch]
     pre, out = _PREFIXES[arch][comp], comp + "/"
     rules = [
@@ -310,7 +310,7 @@ class _Translator:
         if arch in _OPENCLIP:
             in_proj = _PREFIXES[arch][_OPENCLIP[arch]] + "transformer.resblocks.0.attn.in_proj_weight"
             self.d = ldm[in_proj].shape[0] // 3
-            rules += _openclip_rules(arch, self.d)
+            rules += _openclip_rules(arch)
             fused = _fused_links(arch, self.d)
         self.fwd = {r.ldm: r for r in rules}
         self.inv = {r.diffusers: r for r in rules}

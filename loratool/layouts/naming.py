@@ -128,11 +128,6 @@ def native_name(target: ModuleTarget, naming: str) -> str:
     raise ValueError(f"unknown naming {naming!r}")
 
 
-def by_address(arch: str) -> dict[tuple[str, tuple[int, int] | None], ModuleTarget]:
-    """(address, rows) → target."""
-    return {(t.address, t.rows): t for t in all_modules(arch).values()}
-
-
 __all__ = [
     "ARCHES",
     "NAMINGS",
@@ -142,5 +137,4 @@ __all__ = [
     "kohya_modules",
     "lycoris_modules",
     "native_name",
-    "by_address",
 ]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import dtypes, stream
-from ..adapters import AdapterModule, lora_delta, rank_of, scale_of, split_key
+from ..adapters import FAMILIES, AdapterModule, lora_delta, rank_of, scale_of
 from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..layouts.checkpoint import SCHEDULE_BUFFERS
 from ..source import TensorSpec
@@ -332,10 +332,10 @@ def classify(source) -> str:
     keys = source.keys()
     if not keys:
         return "tensors"
-    adapter_keys = sum(1 for k in keys if split_key(k) is not None)
-    if adapter_keys * 2 >= len(keys):
+    from ..detect import MIN_SCORE, is_adapter, score_checkpoint
+
+    if is_adapter(keys):
         return "adapter"
-    from ..detect import MIN_SCORE, score_checkpoint
 
     specs = {k: source.spec(k) for k in keys}
     if score_checkpoint(specs)[0].score >= MIN_SCORE:
@@ -541,7 +541,7 @@ def _convert_adapter(
             if original and naming_in != "kohya" and original != 0 and k == rank_in:
                 up = up * (k / original)  # undo the fold a PEFT export made
                 alpha = original
-            out_alpha = _alpha_tensor(module, alpha, k, dtype or dtypes.name_of(src_dtype))
+            out_alpha = _alpha_tensor(module, alpha, dtype or dtypes.name_of(src_dtype))
             tensors[ak] = out_alpha
         else:
             up = up * (alpha / k)  # fold alpha/rank into lora_B; lora_alpha = rank reproduces ΔW
@@ -631,19 +631,13 @@ _REQUIRED = {
     "lokr": ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"}),
     "full": ({"diff"},),
 }
-_USED = {
-    "lora": {"down", "up", "mid", "alpha", "dora_scale"},
-    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"},
-    "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha", "dora_scale"},
-    "full": {"diff", "diff_b"},
-}
 
 
 def _check_roles(path: str, modules: Mapping[str, AdapterModule]) -> None:
     problems = []
     for name, m in modules.items():
         roles = set(m.tensors)
-        extra = roles - _USED.get(m.family, set())
+        extra = roles - (FAMILIES[m.family].roles if m.family in FAMILIES else set())
         if extra:
             problems.extend(m.keys.get(r, f"{name}.{r}") for r in sorted(extra))
         if not any(req <= roles for req in _REQUIRED.get(m.family, ({"?"},))):
@@ -657,7 +651,7 @@ def _check_roles(path: str, modules: Mapping[str, AdapterModule]) -> None:
         )
 
 
-def _alpha_tensor(module: AdapterModule, alpha: float, k: int, dtype: str) -> torch.Tensor:
+def _alpha_tensor(module: AdapterModule, alpha: float, dtype: str) -> torch.Tensor:
     """The output alpha: the input's own tensor when the value is unchanged, else a new scalar."""
     old = module.tensors.get("alpha")
     if old is not None and float(old.double().reshape(-1)[0]) == alpha:

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from .. import dtypes, stream
-from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, rank_of, scale_of, split_key
+from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, rank_of, scale_of
 from ..blockweights import BlockWeights
-from ..detect import detect_checkpoint
+from ..detect import detect_checkpoint, is_adapter
 from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..layouts import ARCH_LABELS
 from ..metadata import parse_json_field, with_hashes
@@ -93,10 +93,8 @@ def _ratio(text: str, arg: str) -> float:
 
 
 def looks_like_adapter(keys: Iterable[str]) -> bool:
-    """True when most keys carry an adapter suffix (``lora_down.weight``, ``hada_w1_a``, ``lora_A.weight``...)."""
-    keys = list(keys)
-    hits = sum(1 for k in keys if split_key(k) is not None)
-    return bool(keys) and hits * 2 > len(keys)
+    """True when the keys are an adapter's (:func:`loratool.detect.is_adapter`, the one rule)."""
+    return is_adapter(list(keys))
 
 
 # ----------------------------------------------------------------------------- into a checkpoint

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import dtypes
-from ..adapters import FAMILIES, AdapterModule, load_adapter, scale_of
+from ..adapters import AdapterModule, load_adapter, scale_of
 from ..errors import DetectionError, LoratoolError
 from ..metadata import with_hashes
 from ..runtime import resolve_device, threads, threads_for
@@ -77,20 +77,12 @@ def lora_factors(module: AdapterModule) -> AdapterModule:
     """
     if module.family == "lora" and not module.is_dora:
         return module
-    label = "DoRA" if module.is_dora else FAMILIES[module.family].label
-    try:
-        from .convert import to_lora_factors
-    except ImportError:  # pragma: no cover - the converter ships with loratool
-        to_lora_factors = None
+    from .convert import to_lora_factors
+
     if module.is_dora:
         raise DetectionError(
             f"{module.target.name} is a DoRA module; its ΔW depends on the base weight, so it has no rank to resize",
             hint="merge it into its base (loratool merge) and extract a LoRA from that (loratool extract)",
-        )
-    if to_lora_factors is None:
-        raise DetectionError(
-            f"{module.target.name} is a {label} module; resize works on plain LoRA factors only",
-            hint="convert it first: loratool convert FILE.safetensors FILE-lora.safetensors --to lora",
         )
     down, up, alpha, _ = to_lora_factors(module, rel_tol=1e-6)
     return AdapterModule(module.target, "lora", {"down": down, "up": up, "alpha": torch.tensor(alpha, dtype=torch.float64)})

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from . import dtypes
-from .layouts import ModuleTarget, checkpoint_layout, kohya_modules, shrink_shape
-from .source import TensorSpec
-from .writer import SafetensorsWriter
+from loratool import dtypes
+from loratool.layouts import ModuleTarget, checkpoint_layout, kohya_modules, shrink_shape
+from loratool.source import TensorSpec
+from loratool.writer import SafetensorsWriter
 
 
 def _generator(seed: int, key: str) -> torch.Generator:
