@@ -39,6 +39,20 @@ def tiny_dataset() -> Path:
 
 
 @cache
+def byte_alphabet() -> dict[int, str]:
+    """Byte → printable character for byte-level BPE: printable Latin-1 bytes map to themselves,
+    the others (control chars, space…) to code points 256, 257, … in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+@cache
 def clip_merges() -> tuple[tuple[str, str], ...]:
     """CLIP's BPE merges in rank order."""
     text = gzip.decompress(asset("clip-merges.txt.gz").read_bytes()).decode("utf-8")
@@ -50,8 +64,6 @@ def clip_vocab() -> dict[str, int]:
     """CLIP's token → id table, built as CLIP builds it: the 256 byte symbols, the same with the
     end-of-word mark ``</w>``, one token per merge in rank order, then ``<|startoftext|>`` (49406) and
     ``<|endoftext|>`` (49407)."""
-    from .data import byte_alphabet
-
     symbols = list(byte_alphabet().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in clip_merges()] + [CLIP_BOS, CLIP_EOS]
     return {t: i for i, t in enumerate(tokens)}

@@ -60,7 +60,7 @@ def test_tiny_base_folder_agrees_with_our_model(tmp_path):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from loratool.model import load_model
+    from loratool.train.model import load_model
 
     folder = _convert(tmp_path, "tiny-sd1", "loratool/assets")
     ours = load_model(TINY)

@@ -10,9 +10,9 @@ import torch
 
 from loratool.detect import detect_checkpoint
 from loratool.layouts import checkpoint_layout
-from loratool.model import build_model, infer_config, load_model, schedule_tensors, tiny_specs
-from loratool.model.unet import timestep_embedding
 from loratool.source import open_file
+from loratool.train.model import build_model, infer_config, load_model, schedule_tensors, tiny_specs
+from loratool.train.model.unet import timestep_embedding
 
 TINY_BASE = Path(__file__).resolve().parent.parent / "loratool" / "assets" / "tiny-sd1.safetensors"
 

@@ -14,10 +14,10 @@ from loratool.cli import main
 from loratool.detect import detect_checkpoint
 from loratool.layouts import kohya_modules
 from loratool.metadata import kohya_hashes, parse_json_field
-from loratool.model import load_model
-from loratool.sample import apply_lora
 from loratool.source import open_file
 from loratool.train import LoRAModule, TrainOptions, inject_lora, train
+from loratool.train.model import load_model
+from loratool.train.sample import apply_lora
 
 ASSETS = Path(__file__).resolve().parent.parent / "loratool" / "assets"
 BASE = ASSETS / "tiny-sd1.safetensors"
@@ -176,7 +176,7 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path, capsys):
 
 def test_every_kohya_target_exists_at_real_sd15_size():
     from loratool.layouts import checkpoint_layout
-    from loratool.model import build_model, infer_config
+    from loratool.train.model import build_model, infer_config
 
     model = build_model(infer_config(checkpoint_layout("sd1", "ldm")), "meta", init=False)
     mods = inject_lora(model, rank=8, alpha=8, conv_rank=4)

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from loratool.data import (
+from loratool.errors import LoratoolError
+from loratool.train.data import (
     CLIPTokenizer,
     HashTokenizer,
     byte_alphabet,
@@ -24,7 +25,6 @@ from loratool.data import (
     read_subsets,
     tag_frequency,
 )
-from loratool.errors import LoratoolError
 
 
 def _img(path: Path, size=(8, 8)) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from math import gcd
 
-from ..errors import DetectionError
+from ...errors import DetectionError
 
 UNET = "model.diffusion_model."
 TEXT = "cond_stage_model.transformer.text_model."

@@ -25,8 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dtypes
-from .adapters import lora_delta
+from .. import dtypes
+from ..adapters import lora_delta
+from ..errors import LoratoolError
+from ..layouts import kohya_modules
+from ..metadata import now, with_hashes
+from ..runtime import resolve_device, threads
+from ..source import open_file
+from ..writer import SafetensorsWriter, check_output, container_for, open_writer, save_tensors
 from .data import (
     Item,
     Subset,
@@ -40,13 +46,7 @@ from .data import (
     read_subsets,
     tag_frequency,
 )
-from .errors import LoratoolError
-from .layouts import kohya_modules
-from .metadata import now, with_hashes
 from .model import StableDiffusion, alphas_cumprod, load_model
-from .runtime import resolve_device, threads
-from .source import open_file
-from .writer import SafetensorsWriter, check_output, container_for, open_writer, save_tensors
 
 
 class LoRAModule(nn.Module):

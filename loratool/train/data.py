@@ -14,12 +14,12 @@ import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import torch
 
-from .errors import FormatError, LoratoolError
+from ..assets import byte_alphabet
+from ..errors import FormatError, LoratoolError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSIONS = (".txt", ".caption")
@@ -201,20 +201,6 @@ def _frame(ids: list[int], bos: int, eos: int, max_length: int) -> list[int]:
     return ids + [eos] * (max_length - len(ids))
 
 
-@cache
-def byte_alphabet() -> dict[int, str]:
-    """Byte → printable character for byte-level BPE: printable Latin-1 bytes map to themselves,
-    the others (control chars, space…) to code points 256, 257, … in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 _CLIP_SPLIT = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+", re.IGNORECASE)
 
 
@@ -229,7 +215,7 @@ class CLIPTokenizer:
 
     def __init__(self, folder: str | Path | None = None, max_length: int = 77):
         if folder is None:  # the CLIP vocabulary shipped with loratool
-            from .assets import clip_merges, clip_vocab
+            from ..assets import clip_merges, clip_vocab
 
             self.vocab = dict(clip_vocab())
             pairs: list[tuple[str, ...]] = list(clip_merges())

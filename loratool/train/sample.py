@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .adapters import apply_to_weight, load_adapter
+from ..adapters import apply_to_weight, load_adapter
+from ..errors import LoratoolError
+from ..source import open_file
 from .data import make_tokenizer
-from .errors import LoratoolError
 from .model import StableDiffusion, alphas_cumprod
-from .source import open_file
 
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 ADAPTER_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..errors import FormatError
-from ..layouts import checkpoint_layout, shrink_shape
-from ..source import TensorSpec, open_file
+from ...errors import FormatError
+from ...layouts import checkpoint_layout, shrink_shape
+from ...source import TensorSpec, open_file
 from .clip import TextEncoder
 from .config import SDConfig, infer_config
 from .unet import UNet
