@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from support import synth
+from support import reference, synth
 
 from loratool.adapters import apply_to_weight, delta, load_adapter
 from loratool.blockweights import block_of, parse_block_weights
@@ -37,11 +37,8 @@ def expected_merge(base: dict, adapters: list, te=1.0, unet=1.0) -> dict:
             if t.rows is not None:
                 f = t.shape[0] // w.shape[0]
                 a, b = t.rows[0] // f, t.rows[1] // f
-            part = w[a:b]
-            if m.is_dora:
-                w[a:b] = apply_to_weight(part, m, r)
-            else:  # the formula, spelled out: W + ratio · (alpha/rank)·ΔW
-                w[a:b] = part + r * delta(m, tuple(part.shape))
+            # the formulas, written out independently of loratool (tests/support/reference.py)
+            w[a:b] = reference.merged_weight(w[a:b], m.tensors, r).float()
     return out
 
 
