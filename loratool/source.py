@@ -582,6 +582,8 @@ class MemorySource(_SourceBase):
 # ----------------------------------------------------------------------------- entry point
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+#: Every model-file extension loratool reads (safetensors first).
+MODEL_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
 def open_file(path: str | os.PathLike) -> SafetensorsSource | PickleSource | DiffusersFolderSource:

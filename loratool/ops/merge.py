@@ -32,12 +32,11 @@ from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..layouts import ARCH_LABELS
 from ..metadata import parse_json_field, with_hashes
 from ..runtime import resolve_device, threads, threads_for
-from ..source import TensorSpec
+from ..source import MODEL_SUFFIXES, TensorSpec
 from ..writer import FolderOutput, SafetensorsWriter, check_output, container_for, open_writer, save_tensors
 from .lowrank import factored_svd
 
 Progress = Callable[[int, int, str], None]
-ADAPTER_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 RECIPE_KEY = "loratool.merge.recipe"
 
 
@@ -60,7 +59,7 @@ def parse_adapter_arg(arg: str, lora_dir: str | os.PathLike | None = None) -> tu
             raise LoratoolError(f"{arg!r} is not an A1111 prompt tag", hint="write it as <lora:NAME:RATIO>")
         ratio = _ratio(parts[2], arg) if len(parts) == 3 else 1.0
         folder = Path(lora_dir) if lora_dir else Path(".")
-        for cand in (parts[1], *(parts[1] + s for s in ADAPTER_SUFFIXES)):
+        for cand in (parts[1], *(parts[1] + s for s in MODEL_SUFFIXES)):
             if (folder / cand).is_file():
                 return folder / cand, ratio
         raise LoratoolError(
@@ -305,7 +304,6 @@ def merge_into_checkpoint(
     )
 
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
 def _plain_lora(a: Assignment, m: AdapterModule) -> bool:
@@ -373,7 +371,7 @@ def _open_writers(stack: ExitStack, out: Path, base_source, out_specs, metadata,
     root = target.tmp
     base_dir = Path(base_source.path)
     for f in sorted(base_dir.rglob("*")):
-        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
+        if f.is_file() and not f.name.endswith(MODEL_SUFFIXES) and not f.name.endswith(".index.json"):
             dest = root / f.relative_to(base_dir)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(f, dest)
