@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 #: Default bytes read ahead of the computation and queued behind it for writing (each).
-DEFAULT_BUDGET = 256 << 20
+DEFAULT_BUDGET = 128 << 20
 
 
 @dataclass(frozen=True)
