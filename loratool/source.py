@@ -189,17 +189,17 @@ class SafetensorsSource(_SourceBase):
         begin, end = self._data_offsets()[key]
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        buf = bytearray(end - begin)
-        view, done = memoryview(buf), 0
-        while done < len(buf):
+        dt = dtypes.to_torch(spec.dtype)
+        if end == begin:
+            return torch.empty(spec.shape, dtype=dt)
+        raw = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled (a bytearray is, holding the GIL)
+        view, done = memoryview(raw.numpy()), 0
+        while done < len(view):
             got = os.preadv(self._fd, [view[done:]], begin + done)
             if got <= 0:
                 raise FormatError(f"{self.path}: file ended inside tensor {key}", hint="the file is truncated")
             done += got
-        dt = dtypes.to_torch(spec.dtype)
-        if not buf:
-            return torch.empty(spec.shape, dtype=dt)
-        return torch.frombuffer(buf, dtype=dt).reshape(spec.shape)
+        return raw.view(dt).reshape(spec.shape)
 
     def close(self) -> None:
         self._handle = None
