@@ -1,18 +1,15 @@
 """`loratool convert`: containers, dtypes, pruning, LoRA naming and LyCORIS → LoRA.
 
-The file has three parts:
+The file has two parts:
 
-* pure tensor math: :func:`cast_float` (dtype casts with an explicit clamp), :func:`alpha_in_dtype`,
-  :func:`to_lora_factors` (any adapter module → exact or tolerance-bounded LoRA factors);
-* a streaming ``.ckpt`` writer (:class:`CkptWriter`), the pickle counterpart of
-  :class:`~loratool.writer.SafetensorsWriter`;
-* :func:`convert`, which plans the output (keys, shapes, dtypes), streams tensors from the
-  source to the writer and returns a :class:`ConvertReport`. It never prints.
+* pure tensor math: :func:`alpha_in_dtype`, :func:`to_lora_factors` (any adapter module → exact or
+  tolerance-bounded LoRA factors);
+* :func:`convert`, which plans the output (keys, shapes, dtypes), streams tensors from the source to
+  the writer (:mod:`loratool.stream`, :func:`loratool.writer.open_writer`) and returns a
+  :class:`ConvertReport`. It never prints.
 
-Rounding and range (torch 2.13, checked): every float cast rounds to nearest, ties to even.
-Beyond the target's largest finite value torch would give ``inf`` (fp16, fp8_e5m2) or
-saturate (fp8_e4m3fn); :func:`cast_float` clamps to ``±max`` first for every target and counts
-the clamped elements, so no conversion creates an infinity. NaN stays NaN.
+Casts follow the one rule of :func:`loratool.dtypes.cast` (clamp to the finite range, round to nearest
+even), applied by the engine and counted by the writer.
 """
 
 from __future__ import annotations
@@ -394,7 +391,6 @@ def _copy(
         fresh = True
     else:
         fresh = False
-    clamped: list[tuple[str, int]] = []
     wrap = kind == "checkpoint"
     writer = open_writer(out, specs, metadata, [source.path], force, wrap)
     with writer:
