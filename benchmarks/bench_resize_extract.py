@@ -91,7 +91,7 @@ def _resize_dense(lora: str, sample: int | None) -> dict:
 def _extract_dense(tuned: str, base: str, sample: int | None) -> dict:
     import torch
 
-    from loratool.layouts import kohya_modules
+    from loratool.arch import kohya_modules
     from loratool.ops.extract import _rows
     from loratool.ops.lowrank import retention
     from loratool.source import open_file

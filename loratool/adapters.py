@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     import torch
 
 from .errors import DetectionError, MappingError, listing
-from .layouts import ARCHES, ModuleTarget, shrink_shape
-from .layouts.naming import module_index
+from .arch import ARCHES, ModuleTarget, shrink_shape
+from .arch.sd_naming import module_index
 
 # Native key suffix → role, per naming. Longest suffix wins when several match.
 KOHYA_SUFFIXES: dict[str, str] = {

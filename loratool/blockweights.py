@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import LoratoolError
-from .layouts import ModuleTarget
+from .arch import ModuleTarget
 
 SLOTS_26 = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
 SLOTS_17 = (

@@ -1,6 +1,6 @@
 """Full-checkpoint conversion: single file (LDM/SGM keys) ↔ diffusers folder, streamed tensor by tensor.
 
-The plan comes from :func:`loratool.layouts.checkpoint.checkpoint_links`: every output tensor
+The plan comes from :func:`loratool.arch.sd_checkpoint.checkpoint_links`: every output tensor
 names its input(s) and transform before anything is read, every source key is either used,
 dropped for a documented reason (one-sided keys such as schedule buffers), or reported as
 unknown (a :class:`MappingError` unless ``allow_unmapped``). Values are never changed except by
@@ -21,8 +21,8 @@ import torch
 from . import dtypes, stream
 from .detect import detect_checkpoint
 from .errors import LoratoolError, MappingError, OutputError, listing
-from .layouts import checkpoint_layout
-from .layouts.checkpoint import KeyLink, checkpoint_links, linked_shape, one_sided_reason, scaled_rows
+from .arch import checkpoint_layout
+from .arch.sd_checkpoint import KeyLink, checkpoint_links, linked_shape, one_sided_reason, scaled_rows
 from .pipeline_folder import default_prediction_type, write_pipeline_files
 from .source import TensorSpec, open_file
 from .writer import FolderOutput, SafetensorsWriter

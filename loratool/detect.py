@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import DetectionError
-from .layouts import ARCH_LABELS, ARCHES, checkpoint_layout, shrink_shape
+from .arch import ARCH_LABELS, ARCHES, checkpoint_layout, shrink_shape
 from .source import TensorSpec
 
 MIN_SCORE = 0.5

@@ -21,7 +21,7 @@ from .adapters import AdapterIndex, AdapterModule, delta, rank_of, scale_of, shr
 from .detect import FileDetection, detect_file
 from .detect import component_of_key as _component_and_rest
 from .errors import LoratoolError
-from .layouts import ARCH_LABELS, checkpoint_layout, kohya_modules, shrink_shape
+from .arch import ARCH_LABELS, checkpoint_layout, kohya_modules, shrink_shape
 from .metadata import HashReport, TrainingField, Triggers, hash_report, training_summary, trigger_words
 from .source import TensorSource, TensorSpec, open_file
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratool.adapters import AdapterModule, apply_to_weight, delta, rank_of, scale_of
-from loratool.layouts import ModuleTarget
+from loratool.arch import ModuleTarget
 
 T = torch.tensor
 

@@ -14,7 +14,7 @@ from support.synth import make_checkpoint
 
 from loratool.adapters import delta, load_adapter
 from loratool.cli import main
-from loratool.layouts import adapter_layout, kohya_modules, shrink_shape
+from loratool.arch import adapter_layout, kohya_modules, shrink_shape
 from loratool.ops.convert import PRUNE_RULES, convert, module_shape, prune_reason
 from loratool.source import open_file
 from loratool.writer import save_tensors

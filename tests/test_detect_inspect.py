@@ -10,7 +10,7 @@ from loratool import dtypes
 from loratool.detect import detect_file
 from loratool.errors import DetectionError
 from loratool.inspection import inspect_source
-from loratool.layouts import ARCHES, adapter_layout, adapter_layout_names, checkpoint_layout, kohya_modules
+from loratool.arch import ARCHES, adapter_layout, adapter_layout_names, checkpoint_layout, kohya_modules
 from loratool.source import TensorSpec
 
 
@@ -157,7 +157,7 @@ def test_locon_tucker_and_full_diff_modules():
 
 
 def test_lycoris_shrunk_tables_detected():
-    from loratool.layouts import shrink_shape
+    from loratool.arch import shrink_shape
 
     for naming in ("lycoris-loha", "lycoris-lokr"):
         specs = {k: TensorSpec(shrink_shape(s.shape, 64), s.dtype) for k, s in adapter_layout("sd1", naming).items()}
@@ -281,7 +281,7 @@ def test_closed_form_norms_agree_with_dense_delta(fixtures, name):
     """‖scale·ΔW‖² from Gram matrices / Kronecker norms equals the norm of the dense adapters.delta."""
     from loratool.adapters import delta, load_adapter
     from loratool.inspection import delta_norm_sq
-    from loratool.layouts import shrink_shape
+    from loratool.arch import shrink_shape
     from loratool.source import open_file
 
     path = fixtures / f"{name}.safetensors"

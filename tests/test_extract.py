@@ -11,7 +11,7 @@ from support.synth import make_checkpoint
 from loratool.adapters import delta, load_adapter
 from loratool.cli import main
 from loratool.errors import MappingError
-from loratool.layouts import kohya_modules
+from loratool.arch import kohya_modules
 from loratool.metadata import kohya_hashes
 from loratool.ops.extract import _rows, extract_lora
 from loratool.ops.lowrank import parse_rule, randomized_svd, seed_for
@@ -194,7 +194,7 @@ def test_cli_extract_json(sd1_pair, tmp_path, capsys):
 
 
 def test_all_layers_covers_the_kohya_network_and_loads_back(sd1_pair, tmp_path):
-    from loratool.layouts.naming import all_modules
+    from loratool.arch.sd_naming import all_modules
 
     base, tuned, _ = sd1_pair
     out = tmp_path / "all.safetensors"

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from loratool.adapters import index_adapter, split_key
 from loratool.errors import FormatError, LoratoolError, UnsafePickleError
-from loratool.layouts import ARCHES
-from loratool.layouts.naming import all_modules
+from loratool.arch import ARCHES
+from loratool.arch.sd_naming import all_modules
 from loratool.source import open_file
 
 MARKER = "/tmp/loratool-hostile-marker"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from loratool.adapters import best_arch, index_adapter
-from loratool.layouts import _FILE_PREFIX, ARCHES, _read, adapter_layout, adapter_layout_names, checkpoint_layout, kohya_modules
-from loratool.layouts.checkpoint import (
+from loratool.arch import _FILE_PREFIX, ARCHES, _read, adapter_layout, adapter_layout_names, checkpoint_layout, kohya_modules
+from loratool.arch.sd_checkpoint import (
     KeyLink,
     checkpoint_links,
     diffusers_links,
@@ -15,7 +15,7 @@ from loratool.layouts.checkpoint import (
     one_sided_reason,
     scaled_rows,
 )
-from loratool.layouts.naming import all_modules, generated_modules, lycoris_modules, module_index
+from loratool.arch.sd_naming import all_modules, generated_modules, lycoris_modules, module_index
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loratool.detect import detect_checkpoint
-from loratool.layouts import checkpoint_layout
+from loratool.arch import checkpoint_layout
 from loratool.source import open_file
 from loratool.train.model import build_model, infer_config, load_model, schedule_tensors, tiny_specs
 from loratool.train.model.unet import timestep_embedding
@@ -54,7 +54,7 @@ def test_timestep_embedding_odd_dim_pads():
 
 
 def _diffusers_state(model, component: str, prefix: str) -> dict[str, torch.Tensor]:
-    from loratool.layouts.checkpoint import checkpoint_links
+    from loratool.arch.sd_checkpoint import checkpoint_links
 
     sd = model.state_dict()
     out = {}
@@ -73,8 +73,8 @@ def _diffusers_state(model, component: str, prefix: str) -> dict[str, torch.Tens
 
 needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers is not installed")
 needs_links = pytest.mark.skipif(
-    importlib.util.find_spec("loratool.layouts.checkpoint") is None,
-    reason="loratool.layouts.checkpoint (LDM ↔ diffusers key links) is not available",
+    importlib.util.find_spec("loratool.arch.sd_checkpoint") is None,
+    reason="loratool.arch.sd_checkpoint (LDM ↔ diffusers key links) is not available",
 )
 
 

@@ -11,7 +11,7 @@ from support.synth import make_lora
 from loratool.adapters import delta, load_adapter
 from loratool.cli import main
 from loratool.errors import DetectionError, LoratoolError
-from loratool.layouts import kohya_modules, shrink_shape
+from loratool.arch import kohya_modules, shrink_shape
 from loratool.metadata import kohya_hashes
 from loratool.ops.lowrank import SvFro, parse_rule
 from loratool.ops.resize import resize_lora

@@ -118,7 +118,7 @@ def test_merge_copies_untouched_tensors_byte_for_byte(tmp_path):
 def test_blocked_lora_merge_equals_the_formula_across_blocks(monkeypatch):
     import loratool.ops.merge as merge
     from loratool.adapters import AdapterModule
-    from loratool.layouts import ModuleTarget
+    from loratool.arch import ModuleTarget
 
     monkeypatch.setattr(merge, "_BLOCK_BYTES", 64 * 4 * 3)  # 3 rows per block: every slice edge falls inside a block
     gen = torch.Generator().manual_seed(3)

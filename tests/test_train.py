@@ -12,7 +12,7 @@ import torch
 from loratool.adapters import load_adapter
 from loratool.cli import main
 from loratool.detect import detect_checkpoint
-from loratool.layouts import kohya_modules
+from loratool.arch import kohya_modules
 from loratool.metadata import kohya_hashes, parse_json_field
 from loratool.source import open_file
 from loratool.train import LoRAModule, TrainOptions, inject_lora, train
@@ -175,7 +175,7 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path, capsys):
 
 
 def test_every_kohya_target_exists_at_real_sd15_size():
-    from loratool.layouts import checkpoint_layout
+    from loratool.arch import checkpoint_layout
     from loratool.train.model import build_model, infer_config
 
     model = build_model(infer_config(checkpoint_layout("sd1", "ldm")), "meta", init=False)

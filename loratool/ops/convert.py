@@ -26,7 +26,7 @@ import torch
 from .. import dtypes, stream
 from ..adapters import FAMILIES, AdapterModule, lora_delta, rank_of, scale_of
 from ..errors import LoratoolError, MappingError, OutputError, listing
-from ..layouts.checkpoint import SCHEDULE_BUFFERS
+from ..arch.sd_checkpoint import SCHEDULE_BUFFERS
 from ..source import TensorSpec
 from ..writer import check_output, container_for, open_writer
 from .lowrank import factored_svd
@@ -164,7 +164,7 @@ def to_lora_factors(
         Frobenius error of the returned factors against the module's scaled ΔW.
 
     Example:
-        >>> from loratool.layouts import ModuleTarget
+        >>> from loratool.arch import ModuleTarget
         >>> tgt = ModuleTarget("m", "linear", "w", None, (8, 6), "unet/w.weight")
         >>> g = torch.Generator().manual_seed(0)
         >>> t = {k: torch.randn(*s, generator=g) for k, s in

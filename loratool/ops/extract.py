@@ -19,8 +19,8 @@ import torch
 from .. import dtypes
 from ..detect import detect_checkpoint
 from ..errors import LoratoolError, MappingError, listing
-from ..layouts import ARCH_LABELS, ModuleTarget, kohya_modules
-from ..layouts.naming import all_modules
+from ..arch import ARCH_LABELS, ModuleTarget, kohya_modules
+from ..arch.sd_naming import all_modules
 from ..metadata import iso_date, with_hashes
 from ..runtime import SMALL_FACTORIZATION, resolve_device, threads, threads_for
 from ..source import open_file
@@ -138,7 +138,7 @@ def extract_lora(
         clamp: clamp factor values to this quantile of their magnitudes (off by default).
         min_diff: modules whose max |ΔW| ≤ min_diff are skipped (default 0: identical weights).
         exact: full SVD instead of randomized.
-        all_layers: every adaptable Linear/Conv (``layouts.naming.all_modules``), not just kohya's network.
+        all_layers: every adaptable Linear/Conv (``arch.sd_naming.all_modules``), not just kohya's network.
         on_start: called once with the number of modules to process; on_module after each.
 
     Raises:

@@ -29,7 +29,7 @@ from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, ran
 from ..blockweights import BlockWeights
 from ..detect import detect_checkpoint, is_adapter
 from ..errors import LoratoolError, MappingError, OutputError, listing
-from ..layouts import ARCH_LABELS
+from ..arch import ARCH_LABELS
 from ..metadata import parse_json_field, with_hashes
 from ..runtime import resolve_device, threads, threads_for
 from ..source import MODEL_SUFFIXES, TensorSpec

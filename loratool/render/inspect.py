@@ -8,7 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..inspection import FAMILY_LABELS, Inspection, as_dict
-from ..layouts import ARCH_LABELS
+from ..arch import ARCH_LABELS
 from .common import print_json, stdout
 
 _TOP_TAGS = 10

@@ -4,7 +4,7 @@ Objective: for a latent ``x₀`` (VAE mean × 0.18215), noise ``ε ~ N(0, I)`` a
 ``x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε`` and the loss is ``w·‖ε̂(x_t, t, c) − ε‖²`` (mean over elements), with
 ``w = prior_loss_weight`` for regularisation images and 1 otherwise; AdamW on the trainable tensors.
 
-LoRA modules sit on kohya's target modules (:func:`loratool.layouts.kohya_modules`) and compute
+LoRA modules sit on kohya's target modules (:func:`loratool.arch.kohya_modules`) and compute
 ``W' = W + (alpha/rank)·up·down`` with :func:`loratool.adapters.lora_delta`, so the saved file
 means exactly what the training forward pass computed. Every random draw comes from one seeded
 generator: the same seed, data and options give byte-identical output on the same device.
@@ -28,7 +28,7 @@ from torch import nn
 from .. import dtypes
 from ..adapters import lora_delta
 from ..errors import LoratoolError
-from ..layouts import kohya_modules
+from ..arch import kohya_modules
 from ..metadata import now, with_hashes
 from ..runtime import resolve_device, threads
 from ..source import open_file

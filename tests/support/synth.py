@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from loratool import dtypes
-from loratool.layouts import ModuleTarget, checkpoint_layout, kohya_modules, shrink_shape
+from loratool.arch import ModuleTarget, checkpoint_layout, kohya_modules, shrink_shape
 from loratool.source import TensorSpec
 from loratool.writer import SafetensorsWriter
 

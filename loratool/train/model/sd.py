@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...errors import FormatError
-from ...layouts import checkpoint_layout, shrink_shape
+from ...arch import checkpoint_layout, shrink_shape
 from ...source import TensorSpec, open_file
 from .clip import TextEncoder
 from .config import SDConfig, infer_config

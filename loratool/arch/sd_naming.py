@@ -22,7 +22,7 @@ from __future__ import annotations
 from functools import cache
 
 from . import ARCHES, ModuleTarget, checkpoint_layout, kohya_modules
-from .checkpoint import checkpoint_links
+from .sd_checkpoint import checkpoint_links
 
 NAMINGS = ("kohya", "peft")
 
