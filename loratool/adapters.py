@@ -13,15 +13,16 @@ Roles are the internal vocabulary for a module's tensors:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-from .errors import DetectionError, MappingError, listing
-from .arch import ARCHES, ModuleTarget, shrink_shape
+from .arch import ARCHES, ModuleTarget, shape_rules
+from .arch.dims import Solution
 from .arch.sd_naming import module_index
+from .errors import DetectionError, MappingError, listing
 
 # Native key suffix → role, per naming. Longest suffix wins when several match.
 KOHYA_SUFFIXES: dict[str, str] = {
@@ -152,6 +153,8 @@ class AdapterIndex:
     targets: dict[str, ModuleTarget]
     families: dict[str, str]
     unmapped: list[str]
+    solution: Solution | None = None  # the shape config read off the factors (:func:`sized_index`); targets sized to it
+    proportional: frozenset[str] = frozenset()  # modules whose sizes keep the standard proportions of that config
 
     def require_all_mapped(self, path: str = "", allow_unmapped: bool = False) -> None:
         if self.unmapped and not allow_unmapped:
@@ -259,9 +262,9 @@ def factor_problem(family: str, shapes: Mapping[str, tuple[int, ...]]) -> str | 
     return None
 
 
-def shapes_fit(family: str, shapes: Mapping[str, tuple[int, ...]], target: ModuleTarget, factor: int = 1) -> bool:
-    """Do a module's factor shapes fit its target weight (shrunk by ``factor``)? No tensor data needed."""
-    ts = shrink_shape(target.target_shape, factor)
+def shapes_fit(family: str, shapes: Mapping[str, tuple[int, ...]], target: ModuleTarget) -> bool:
+    """Do a module's factor shapes fit its target weight (sized to the file's config)? No tensor data needed."""
+    ts = target.target_shape
     out_f, in_f = ts[0], _prod(ts[1:])
     in_ch = ts[1] if len(ts) > 1 else 1
     if family == "lora":
@@ -307,37 +310,60 @@ def _lokr_dims(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int, int, in
     return a, b, c, e
 
 
-def _out_dim(family: str, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
-    if family == "lora" and "up" in shapes:
-        return shapes["up"][0]
-    if family == "loha" and "hada_w1_a" in shapes and "hada_t1" not in shapes:
-        return shapes["hada_w1_a"][0]
-    if family == "lokr":
-        dims = _lokr_dims(shapes)
-        return dims[0] * dims[1] if dims else None
-    if family == "full" and "diff" in shapes:
-        return shapes["diff"][0]
-    return None
+def _factor_dims(family: str, shapes: Mapping[str, tuple[int, ...]], target_shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(out, in)`` sizes of the weight a module's factors make (kernel sizes are constants of the layer)."""
+    kernel = _prod(target_shape[2:])
+    flat: tuple[int, int] | None = None
+    if family == "lora" and "up" in shapes and "down" in shapes and len(shapes["down"]) > 1:
+        return shapes["up"][0], shapes["down"][1]
+    if family == "loha" and "hada_w1_a" in shapes and "hada_w1_b" in shapes:
+        a, b = shapes["hada_w1_a"], shapes["hada_w1_b"]
+        if "hada_t1" in shapes:
+            return (a[1], b[1]) if len(a) > 1 and len(b) > 1 else None
+        flat = a[0], _prod(b[1:])
+    elif family == "lokr" and (dims := _lokr_dims(shapes)):
+        flat = dims[0] * dims[1], dims[2] * dims[3]
+    elif family == "full" and "diff" in shapes and len(shapes["diff"]) > 1:
+        return shapes["diff"][0], shapes["diff"][1]
+    if flat is None or flat[1] % kernel:
+        return None
+    return flat[0], flat[1] // kernel
 
 
-def shrink_factor(index: AdapterIndex, specs: Mapping[str, object]) -> int:
-    """The uniform factor by which a file's shapes are smaller than the layout's (1 for real files)."""
-    votes: dict[int, int] = {}
+def _observations(index: AdapterIndex, specs: Mapping[str, object]):
+    """``(name, component, standard (out, in), actual (out, in))`` per module whose factors give both sizes."""
     for name, roles in index.modules.items():
-        shapes = {r: tuple(specs[k].shape) for r, k in roles.items()}
-        out = _out_dim(index.families[name], shapes)
-        full = index.targets[name].target_shape[0]
-        if out and full >= 64 and full % out == 0:
-            votes[full // out] = votes.get(full // out, 0) + 1
-    return max(votes, key=lambda f: (votes[f], f == 1)) if votes else 1
+        t = index.targets[name]
+        ts = t.target_shape
+        dims = _factor_dims(index.families[name], {r: tuple(specs[k].shape) for r, k in roles.items()}, ts)
+        if dims is not None and len(ts) > 1:
+            yield name, t.component, ts[:2], dims
 
 
-def fit_count(index: AdapterIndex, specs: Mapping[str, object], factor: int = 1) -> int:
-    """How many of the index's modules have factor shapes that fit their targets."""
+def sized_index(index: AdapterIndex, specs: Mapping[str, object]) -> AdapterIndex:
+    """Read the adapter's shape config off its factor shapes and size every target to it.
+
+    A LoRA for the released model solves to the standard config; one for a smaller model of the same
+    layout to that model's config. Idempotent: an index that is already sized is returned as it is.
+    """
+    if index.solution is not None:
+        return index
+    rules = shape_rules(index.arch)
+    seen = list(_observations(index, specs))
+    solution = rules.solve((comp, std, actual) for _, comp, std, actual in seen)
+    kept = frozenset(name for name, comp, std, actual in seen if rules.in_proportion(solution, comp, std, actual))
+    targets = {n: t.sized(solution.config) for n, t in index.targets.items()}
+    return replace(index, targets=targets, solution=solution, proportional=kept)
+
+
+def fit_count(index: AdapterIndex, specs: Mapping[str, object]) -> int:
+    """How many modules have factor shapes that fit their targets in the file's config, in the
+    standard proportions of the architecture (see :class:`~loratool.arch.dims.Solution`)."""
+    index = sized_index(index, specs)
     n = 0
     for name, roles in index.modules.items():
         shapes = {r: tuple(specs[k].shape) for r, k in roles.items()}
-        if shapes_fit(index.families[name], shapes, index.targets[name], factor):
+        if name in index.proportional and shapes_fit(index.families[name], shapes, index.targets[name]):
             n += 1
     return n
 
@@ -366,9 +392,10 @@ def best_arch(
     """Pick the architecture an adapter is for, from its key names, shapes and metadata.
 
     Evidence, strongest first: the share of keys whose names map to a module of the arch;
-    the share of modules whose factor shapes fit their target weights (up to one uniform shrink
-    factor); the base model the training tool recorded in the metadata (a small bonus that
-    separates SD1 from SD2 when only UNet modules with foreign sizes are present).
+    the share of modules whose factor shapes fit their target weights in the shape config read off
+    the file, keeping the architecture's standard proportions; the base model the training tool
+    recorded in the metadata (a small bonus that separates SD1 from SD2 when only UNet modules with
+    foreign sizes are present).
 
     Args:
         specs: key → anything with a ``.shape`` (a :class:`~loratool.source.TensorSpec`).
@@ -384,8 +411,8 @@ def best_arch(
     recorded = arch_from_metadata(metadata or {})
     scored = []
     for arch in arches:
-        idx = index_adapter(keys, arch)
-        fitting = fit_count(idx, specs, shrink_factor(idx, specs))
+        idx = sized_index(index_adapter(keys, arch), specs)
+        fitting = fit_count(idx, specs)
         mapped_keys = sum(len(r) for r in idx.modules.values())
         name_score = mapped_keys / max(1, len(keys))
         shape_score = fitting / max(1, len(idx.modules))
@@ -618,9 +645,9 @@ def load_adapter(source, arch: str | None = None, allow_unmapped: bool = False) 
         index = index_adapter(list(specs), arch)
         scores = [(arch, 1.0)]
     index.require_all_mapped(str(source.path), allow_unmapped)
+    index = sized_index(index, specs)
     modules: dict[str, AdapterModule] = {}
     misfit = []
-    factor = shrink_factor(index, specs)
     broken = []
     for name, roles in index.modules.items():
         problem = factor_problem(index.families[name], {r: tuple(specs[k].shape) for r, k in roles.items()})
@@ -634,7 +661,7 @@ def load_adapter(source, arch: str | None = None, allow_unmapped: bool = False) 
     for name, roles in index.modules.items():
         fam = index.families[name]
         shapes = {r: tuple(specs[k].shape) for r, k in roles.items()}
-        if not shapes_fit(fam, shapes, index.targets[name], factor):
+        if not shapes_fit(fam, shapes, index.targets[name]):
             misfit.append(f"{name} {shapes} vs {index.targets[name].target_shape}")
             continue
         modules[name] = AdapterModule(

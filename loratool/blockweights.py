@@ -20,8 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import LoratoolError
 from .arch import ModuleTarget
+from .errors import LoratoolError
 
 SLOTS_26 = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
 SLOTS_17 = (

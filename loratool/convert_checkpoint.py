@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 from . import dtypes, stream
+from .arch.sd_checkpoint import KeyLink, checkpoint_links, linked_shape, one_sided_reason, sized_link, solve_config
 from .detect import detect_checkpoint
 from .errors import LoratoolError, MappingError, OutputError, listing
-from .arch import checkpoint_layout
-from .arch.sd_checkpoint import KeyLink, checkpoint_links, linked_shape, one_sided_reason, scaled_rows
 from .pipeline_folder import default_prediction_type, write_pipeline_files
 from .source import TensorSpec, open_file
 from .writer import FolderOutput, SafetensorsWriter
@@ -210,7 +209,6 @@ def _plan(
             unmapped.append(key)
         else:
             dropped.append((key, why))
-    full = checkpoint_layout(arch, "ldm")
     plan: list[_Item] = []
     missing: list[str] = []
     if source_naming == to:
@@ -221,12 +219,14 @@ def _plan(
                 missing.append(key)
         return plan, dropped, missing, unmapped
     if to == "diffusers":
+        config = solve_config(arch, specs, "ldm")
         for lk in links.links:
             spec = specs.get(lk.ldm_key)
             if spec is None:
                 missing.append(lk.diffusers_key)
                 continue
-            shape = linked_shape(lk, spec.shape, full[lk.ldm_key].shape)
+            lk = sized_link(lk, config)
+            shape = linked_shape(lk, spec.shape)
             plan.append(_Item(lk.diffusers_key, TensorSpec(shape, _cast(spec, out_dtype)), (lk,)))
         plan.sort(key=lambda it: (_COMPONENT_ORDER.index(it.key.split("/", 1)[0]), it.key))
         return plan, dropped, missing, unmapped
@@ -257,12 +257,11 @@ def _plan(
 # ----------------------------------------------------------------------------- tensors
 
 
-def _to_diffusers(lk: KeyLink, arch: str):
-    """The function making the diffusers tensor of ``lk`` from its single-file tensor (None: the tensor as is):
-    ``W[rows]``, ``W[:, :, 0, 0]`` (1x1 conv → linear) or ``W.T``."""
+def _to_diffusers(lk: KeyLink):
+    """The function making the diffusers tensor of ``lk`` (sized to the file) from its single-file tensor
+    (None: the tensor as is): ``W[rows]``, ``W[:, :, 0, 0]`` (1x1 conv → linear) or ``W.T``."""
     if lk.rows is not None:
-        full = checkpoint_layout(arch, "ldm")[lk.ldm_key].shape[0]
-        return lambda w: w[slice(*scaled_rows(lk.rows, full, w.shape[0]))]
+        return lambda w: w[slice(*lk.rows)]
     if lk.transform == "conv1x1_linear":
         return lambda w: w.reshape(w.shape[0], w.shape[1])
     if lk.transform == "transpose":
@@ -325,7 +324,7 @@ def _fill_folder(src, root: Path, plan: list[_Item], arch: str, on_progress: Pro
             for it in comp_items:
                 name = it.key.split("/", 1)[1]
                 if it.links:
-                    items.append(stream.Item(w, name, (it.links[0].ldm_key,), _to_diffusers(it.links[0], arch)))
+                    items.append(stream.Item(w, name, (it.links[0].ldm_key,), _to_diffusers(it.links[0])))
                 else:
                     items.append(stream.Item(w, name, (it.key,)))
             files.append(f"{comp}/{path.name}")

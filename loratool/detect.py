@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .arch import ARCH_LABELS, ARCHES, checkpoint_layout, shape_rules
+from .arch.sd import COMPONENT_LABELS, component_of_key
 from .errors import DetectionError
-from .arch import ARCH_LABELS, ARCHES, checkpoint_layout, shrink_shape
 from .source import TensorSpec
 
 MIN_SCORE = 0.5
@@ -29,8 +30,8 @@ class CheckpointMatch:
 def score_checkpoint(specs: Mapping[str, TensorSpec]) -> list[CheckpointMatch]:
     """Every (arch, naming) candidate scored against the file's keys, best first.
 
-    Shapes are compared up to scale: a layout key counts when its rank (number of dims) matches,
-    so shrunken test files and full-size files score alike; the shape check that matters for
+    Shapes are compared up to the shape config: a layout key counts when its rank (number of dims)
+    matches, so models of any width score alike; the shape check that matters for
     merging is done against the concrete weights.
     """
     keys = set(specs)
@@ -136,27 +137,6 @@ def adapter_key_share(keys: Sequence[str]) -> float:
     return sum(1 for k in keys if split_key(k) is not None) / max(1, len(keys))
 
 
-_COMPONENT_PREFIXES = (
-    ("model.diffusion_model.", "unet"),
-    ("cond_stage_model.", "text_encoder"),
-    ("conditioner.embedders.0.", "text_encoder"),
-    ("conditioner.embedders.1.", "text_encoder_2"),
-    ("first_stage_model.", "vae"),
-)
-COMPONENT_LABELS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2", "vae": "VAE"}
-
-
-def component_of_key(key: str) -> tuple[str, str]:
-    """``(component, key without its component prefix)`` of a checkpoint key (``other`` when unknown)."""
-    if "/" in key:
-        comp, rest = key.split("/", 1)
-        return (comp, rest) if comp in COMPONENT_LABELS else ("other", key)
-    for prefix, comp in _COMPONENT_PREFIXES:
-        if key.startswith(prefix):
-            return comp, key[len(prefix):]
-    return "other", key
-
-
 @dataclass(frozen=True)
 class ComponentMatch:
     """A file that holds one component of a checkpoint (a UNet-only or text-encoder-only file)."""
@@ -187,21 +167,18 @@ def match_component(specs: Mapping[str, TensorSpec]) -> list[ComponentMatch]:
                     hit = [k for k in names if k in keys and len(specs[k].shape) == len(names[k].shape)]
                     if not hit:
                         continue
-                    factor = _shrink_vote(specs, names, hit)
-                    exact = sum(1 for k in hit if tuple(specs[k].shape) == shrink_shape(names[k].shape, factor)) / len(hit)
+                    # the file's shape config, read off its shapes; ``exact``: the share of tensors that fit it
+                    # in the standard proportions (SD1 and SD2 share UNet names but not the context width)
+                    rules = shape_rules(arch)
+                    sol = rules.solve((comp, names[k].shape, specs[k].shape) for k in hit)
+                    exact = sum(
+                        1 for k in hit
+                        if tuple(specs[k].shape) == rules.shape(comp, names[k].shape, sol.config)
+                        and rules.in_proportion(sol, comp, names[k].shape, specs[k].shape)
+                    ) / len(hit)
                     out.append(ComponentMatch(arch, naming, comp, prefixed, len(hit) / len(names), len(hit) / len(keys), exact))
     out.sort(key=lambda m: -(m.coverage * m.precision * (0.9 + 0.1 * m.exact)))
     return out
-
-
-def _shrink_vote(specs: Mapping[str, TensorSpec], names: Mapping[str, TensorSpec], hit: list[str]) -> int:
-    """The uniform factor by which the file's dims are smaller than the layout's (1 for real files)."""
-    votes: dict[int, int] = {}
-    for k in hit:
-        full, got = names[k].shape, specs[k].shape
-        if full and got and full[0] >= 64 and got[0] and full[0] % got[0] == 0:
-            votes[full[0] // got[0]] = votes.get(full[0] // got[0], 0) + 1
-    return max(votes, key=lambda f: (votes[f], f == 1)) if votes else 1
 
 
 def describe_other(specs: Mapping[str, TensorSpec]) -> tuple[str, str, tuple[str, ...], str | None, str | None]:
@@ -344,9 +321,9 @@ def _detect_adapter(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]
     if index.unmapped:
         evidence.append(f"{len(index.unmapped)} keys map to no {chosen} module")
     if index.modules:
-        from .adapters import fit_count, shrink_factor
+        from .adapters import fit_count
 
-        fitting = fit_count(index, specs, shrink_factor(index, specs))
+        fitting = fit_count(index, specs)
         if fitting < len(index.modules):
             evidence.append(f"only {fitting} of {len(index.modules)} modules have factor shapes that fit the {chosen} weights")
     if metadata and (recorded := _recorded_arch(metadata)):

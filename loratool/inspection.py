@@ -17,15 +17,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import dtypes
-from .adapters import AdapterIndex, AdapterModule, delta, rank_of, scale_of, shrink_factor
+from .adapters import AdapterIndex, AdapterModule, delta, rank_of, scale_of, sized_index
+from .arch import ARCH_LABELS, checkpoint_layout, kohya_modules, standard_config
 from .detect import FileDetection, detect_file
 from .detect import component_of_key as _component_and_rest
 from .errors import LoratoolError
-from .arch import ARCH_LABELS, checkpoint_layout, kohya_modules, shrink_shape
 from .metadata import HashReport, TrainingField, Triggers, hash_report, training_summary, trigger_words
 from .source import TensorSource, TensorSpec, open_file
 
-SCHEMA = "loratool.inspect/1"
+SCHEMA = "loratool.inspect/2"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae", "other")
 FAMILY_LABELS = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "full": "full diff"}
 
@@ -57,7 +57,8 @@ class AdapterSummary:
     dora: int
     tucker: int
     unmapped: tuple[str, ...]
-    shrink_factor: int
+    shape_config: dict[str, int]  # the config dimensions the factors determine (the rest stay standard)
+    standard_shapes: bool  # every one of them has the released model's value
 
 
 @dataclass(frozen=True)
@@ -295,6 +296,10 @@ def _adapter_summary(modules: tuple[ModuleInfo, ...], index: AdapterIndex, specs
     dora = sum(m.dora for m in modules)
     ra = Counter((m.rank, m.alpha) for m in modules)
     comps = Counter(m.component for m in modules)
+    index = sized_index(index, specs)
+    config = index.solution.config.as_dict() if index.modules else {}
+    observed = {k: v for k, v in config.items() if k in index.solution.observed} if index.modules else {}
+    standard = standard_config(index.arch).as_dict()
     return AdapterSummary(
         family=family_headline(fams, dora > 0),
         families=dict(sorted(fams.items())),
@@ -307,7 +312,8 @@ def _adapter_summary(modules: tuple[ModuleInfo, ...], index: AdapterIndex, specs
         dora=dora,
         tucker=sum(m.tucker for m in modules),
         unmapped=tuple(index.unmapped),
-        shrink_factor=shrink_factor(index, specs) if index.modules else 1,
+        shape_config=observed,
+        standard_shapes=all(v == standard[k] for k, v in observed.items()),
     )
 
 
@@ -370,14 +376,14 @@ def _stats(source, specs, det: FileDetection, index: AdapterIndex | None, progre
         tick(1)
     blocks: list[BlockNorm] = []
     if det.kind == "adapter" and index is not None and index.modules:
-        factor = shrink_factor(index, specs)
+        index = sized_index(index, specs)
         sq: dict[str, float] = {}
         count: Counter = Counter()
         for name, roles in index.modules.items():
             target = index.targets[name]
             module = AdapterModule(target, index.families[name], {r: source.get(k) for r, k in roles.items()}, dict(roles))
             try:
-                norm_sq = delta_norm_sq(module, shrink_shape(target.target_shape, factor))
+                norm_sq = delta_norm_sq(module, target.target_shape)
             except (LoratoolError, RuntimeError, KeyError):  # a misfit module: detection reports it, stats skip it
                 continue
             b = block_of(target.component, target.address)
@@ -428,7 +434,7 @@ def _block_order(block: str):
 
 
 def as_dict(report: Inspection) -> dict:
-    """The stable JSON form (schema ``loratool.inspect/1``; every top-level key always present)."""
+    """The stable JSON form (schema ``loratool.inspect/2``; every top-level key always present)."""
     det = report.detection
     adapter = None
     if report.adapter is not None:
@@ -443,7 +449,8 @@ def as_dict(report: Inspection) -> dict:
             "dora_modules": a.dora,
             "tucker_modules": a.tucker,
             "unmapped": list(a.unmapped),
-            "shrink_factor": a.shrink_factor,
+            "shape_config": a.shape_config,
+            "standard_shapes": a.standard_shapes,
         }
     t = report.triggers
     return {

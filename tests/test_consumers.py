@@ -18,8 +18,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from loratool.cli import main  # noqa: E402
 from loratool.arch import kohya_modules  # noqa: E402
+from loratool.cli import main  # noqa: E402
 from loratool.source import open_file  # noqa: E402
 from loratool.writer import save_tensors  # noqa: E402
 

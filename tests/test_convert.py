@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.synth import make_checkpoint
+from support.synth import make_checkpoint, scaled_shape
 
 from loratool.adapters import delta, load_adapter
+from loratool.arch import adapter_layout, kohya_modules
 from loratool.cli import main
-from loratool.arch import adapter_layout, kohya_modules, shrink_shape
 from loratool.ops.convert import PRUNE_RULES, convert, module_shape, prune_reason
 from loratool.source import open_file
 from loratool.writer import save_tensors
@@ -189,7 +189,7 @@ def test_peft_names_match_the_reference_tables(fixtures, tmp_path):
         reference = adapter_layout("sd1", f"lora-{naming}")
         assert set(reference) <= set(got.keys())
         for k, spec in reference.items():
-            assert got.spec(k).shape == shrink_shape(spec.shape, 64), k
+            assert got.spec(k).shape == scaled_shape(spec.shape, 64), k
 
 
 def test_sd2_fused_qkv_modules_are_separate_peft_modules(fixtures, tmp_path):
@@ -225,7 +225,7 @@ def test_sdxl_kohya_to_peft(fixtures, tmp_path):
     got = open_file(out)
     reference = adapter_layout("sdxl", "lora-peft")  # kohya's LDM-path UNet names → diffusers module paths
     assert set(reference) <= set(got.keys())
-    assert all(got.spec(k).shape == shrink_shape(spec.shape, 64) for k, spec in reference.items())
+    assert all(got.spec(k).shape == scaled_shape(spec.shape, 64) for k, spec in reference.items())
 
 
 # ----------------------------------------------------------------------------- LyCORIS → LoRA
@@ -239,7 +239,7 @@ def _lycoris_file(path: Path, family: str) -> dict[str, torch.Tensor]:
     conv = mods["lora_unet_down_blocks_1_resnets_0_conv2"]  # 640x640x3x3 → 10x10x3x3
     t: dict[str, torch.Tensor] = {}
     for m in (lin, conv):
-        out_f, in_f = shrink_shape(m.shape, 64)[:2]
+        out_f, in_f = scaled_shape(m.shape, 64)[:2]
         flat = in_f * (9 if m.kind == "conv3x3" else 1)
         if family == "loha":
             for w in ("w1", "w2"):

@@ -7,10 +7,10 @@ import torch
 from support.synth import checkpoint_specs
 
 from loratool import dtypes
+from loratool.arch import ARCHES, adapter_layout, adapter_layout_names, checkpoint_layout, kohya_modules
 from loratool.detect import detect_file
 from loratool.errors import DetectionError
 from loratool.inspection import inspect_source
-from loratool.arch import ARCHES, adapter_layout, adapter_layout_names, checkpoint_layout, kohya_modules
 from loratool.source import TensorSpec
 
 
@@ -157,10 +157,10 @@ def test_locon_tucker_and_full_diff_modules():
 
 
 def test_lycoris_shrunk_tables_detected():
-    from loratool.arch import shrink_shape
+    from support.synth import scaled_shape
 
     for naming in ("lycoris-loha", "lycoris-lokr"):
-        specs = {k: TensorSpec(shrink_shape(s.shape, 64), s.dtype) for k, s in adapter_layout("sd1", naming).items()}
+        specs = {k: TensorSpec(scaled_shape(s.shape, 64), s.dtype) for k, s in adapter_layout("sd1", naming).items()}
         report = inspect_source(SpecSource(specs), hashes=False)
         assert report.detection.arch == "sd1"
         assert report.adapter.family == EXPECTED_FAMILY[naming]
@@ -281,7 +281,6 @@ def test_closed_form_norms_agree_with_dense_delta(fixtures, name):
     """‖scale·ΔW‖² from Gram matrices / Kronecker norms equals the norm of the dense adapters.delta."""
     from loratool.adapters import delta, load_adapter
     from loratool.inspection import delta_norm_sq
-    from loratool.arch import shrink_shape
     from loratool.source import open_file
 
     path = fixtures / f"{name}.safetensors"
@@ -290,6 +289,6 @@ def test_closed_form_norms_agree_with_dense_delta(fixtures, name):
     with open_file(path) as src:
         adapter = load_adapter(src)
     for m in list(adapter.modules.values())[::7]:
-        shape = shrink_shape(m.target.target_shape, 64)
+        shape = m.target.target_shape
         dense = float(delta(m, shape).double().pow(2).sum())
         assert delta_norm_sq(m, shape) == pytest.approx(dense, rel=1e-4, abs=1e-12)

@@ -9,9 +9,9 @@ import torch
 from support.synth import make_checkpoint
 
 from loratool.adapters import delta, load_adapter
+from loratool.arch import kohya_modules
 from loratool.cli import main
 from loratool.errors import MappingError
-from loratool.arch import kohya_modules
 from loratool.metadata import kohya_hashes
 from loratool.ops.extract import _rows, extract_lora
 from loratool.ops.lowrank import parse_rule, randomized_svd, seed_for

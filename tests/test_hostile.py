@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loratool.adapters import index_adapter, split_key
-from loratool.errors import FormatError, LoratoolError, UnsafePickleError
 from loratool.arch import ARCHES
 from loratool.arch.sd_naming import all_modules
+from loratool.errors import FormatError, LoratoolError, UnsafePickleError
 from loratool.source import open_file
 
 MARKER = "/tmp/loratool-hostile-marker"

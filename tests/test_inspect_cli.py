@@ -20,7 +20,7 @@ GOLDEN_TOP = {
 }
 GOLDEN_DETECTION = {"arch", "arch_label", "confidence", "description", "evidence", "forced", "naming", "other", "runner_up"}
 GOLDEN_ADAPTER = {
-    "by_component", "dora_modules", "families", "family", "layers", "modules", "rank_alpha", "shrink_factor",
+    "by_component", "dora_modules", "families", "family", "layers", "modules", "rank_alpha", "shape_config", "standard_shapes",
     "tucker_modules", "unmapped",
 }
 GOLDEN_HASHES = {
@@ -47,7 +47,7 @@ def test_json_schema_is_stable(capsys, fixtures):
         assert set(doc["detection"]) == GOLDEN_DETECTION
         assert set(doc["tensors"]) == GOLDEN_TENSORS
         assert set(doc["triggers"]) == GOLDEN_TRIGGERS
-        assert doc["schema"] == "loratool.inspect/1"
+        assert doc["schema"] == "loratool.inspect/2"
         assert doc["keys"] is None and doc["stats"] is None and doc["modules"] is None
     assert set(lora["adapter"]) == GOLDEN_ADAPTER
     assert set(lora["hashes"]) == GOLDEN_HASHES

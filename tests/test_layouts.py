@@ -13,7 +13,7 @@ from loratool.arch.sd_checkpoint import (
     ldm_link,
     linked_shape,
     one_sided_reason,
-    scaled_rows,
+    sized_link,
 )
 from loratool.arch.sd_naming import all_modules, generated_modules, lycoris_modules, module_index
 
@@ -91,9 +91,13 @@ def test_transforms_are_where_the_reference_says():
     assert vae_up.ldm_key == "first_stage_model.decoder.up.3.upsample.conv.weight"
 
 
-def test_scaled_rows_follow_shrunk_tensors():
-    assert scaled_rows((1024, 2048), 3072, 48) == (16, 32)
-    assert scaled_rows((0, 1280), 3840, 3840) == (0, 1280)
+def test_fused_rows_follow_the_shape_config():
+    from loratool.arch import standard_config
+
+    k_link = next(lk for lk in checkpoint_links("sd2").links if lk.diffusers_key.endswith("layers.0.self_attn.k_proj.weight"))
+    assert k_link.rows == (1024, 2048)
+    assert sized_link(k_link, standard_config("sd2").replace(text_width=16)).rows == (16, 32)
+    assert sized_link(k_link, standard_config("sd2")).rows == (1024, 2048)
 
 
 def _mapping_rows(arch):

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from support import reference, synth
 
 from loratool.adapters import apply_to_weight, delta, load_adapter
+from loratool.arch import kohya_modules
 from loratool.blockweights import block_of, parse_block_weights
 from loratool.cli import main
 from loratool.errors import LoratoolError
-from loratool.arch import kohya_modules
 from loratool.ops.merge import merge_tag_frequency, parse_adapter_arg
 from loratool.source import open_file
 from loratool.writer import save_tensors

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loratool.detect import detect_checkpoint
 from loratool.arch import checkpoint_layout
+from loratool.detect import detect_checkpoint
 from loratool.source import open_file
 from loratool.train.model import build_model, infer_config, load_model, schedule_tensors, tiny_specs
 from loratool.train.model.unet import timestep_embedding

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from support.synth import make_lora
+from support.synth import make_lora, sized
 
 from loratool.adapters import delta, load_adapter
+from loratool.arch import kohya_modules
 from loratool.cli import main
 from loratool.errors import DetectionError, LoratoolError
-from loratool.arch import kohya_modules, shrink_shape
 from loratool.metadata import kohya_hashes
 from loratool.ops.lowrank import SvFro, parse_rule
 from loratool.ops.resize import resize_lora
@@ -102,7 +102,7 @@ def test_budget_rule_fits_the_size(fixtures, tmp_path):
 
 def _one_module(tmp_path, name, extra):
     target = next(t for t in kohya_modules("sd1").values() if t.kind == "linear" and t.component == "unet")
-    out_f, in_f = shrink_shape(target.target_shape, 64)
+    out_f, in_f = sized(target, "sd1", 64).target_shape
     g = torch.Generator().manual_seed(0)
     tensors = {f"{target.name}.{k}": torch.randn(*s(out_f, in_f), generator=g) for k, s in extra.items()}
     tensors[f"{target.name}.alpha"] = torch.tensor(2.0)
@@ -141,7 +141,7 @@ def test_dora_is_refused_with_a_clear_error(tmp_path):
 
 def test_conv_tucker_mid_is_folded(tmp_path):
     target = next(t for t in kohya_modules("sd1").values() if t.kind == "conv3x3")
-    out_f, in_f = shrink_shape(target.target_shape, 64)[:2]
+    out_f, in_f = sized(target, "sd1", 64).target_shape[:2]
     g = torch.Generator().manual_seed(0)
     tensors = {
         f"{target.name}.lora_down.weight": torch.randn(3, in_f, 1, 1, generator=g),

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from loratool.adapters import load_adapter
+from loratool.arch import kohya_modules
 from loratool.cli import main
 from loratool.detect import detect_checkpoint
-from loratool.arch import kohya_modules
 from loratool.metadata import kohya_hashes, parse_json_field
 from loratool.source import open_file
 from loratool.train import LoRAModule, TrainOptions, inject_lora, train

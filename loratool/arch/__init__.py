@@ -13,11 +13,12 @@ Vocabulary:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 
 from ..source import TensorSpec
+from .dims import ShapeConfig, ShapeRules
 
 ARCHES = ("sd1", "sd2", "sdxl")
 ARCH_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
@@ -34,6 +35,9 @@ class ModuleTarget:
         address: single-file checkpoint key of the changed weight.
         rows: ``(start, stop)`` along dim 0 when only a slice of a fused weight changes.
         shape: shape of ``address`` in the checkpoint (the whole fused tensor when ``rows``).
+
+    The tables give ``rows`` and ``shape`` for the released model; :meth:`sized` moves them to
+    another shape config.
         diffusers_key: ``component/key`` of the same parameter in a diffusers folder.
     """
 
@@ -56,6 +60,12 @@ class ModuleTarget:
             return self.shape
         return (self.rows[1] - self.rows[0], *self.shape[1:])
 
+    def sized(self, config: ShapeConfig) -> ModuleTarget:
+        """This target in a model of shape config ``config`` (shape and row slice moved there)."""
+        rules = shape_rules(config.arch)
+        rows = None if self.rows is None else rules.rows(self.component, self.rows, config)
+        return replace(self, rows=rows, shape=rules.shape(self.component, self.shape, config))
+
     @property
     def peft_module(self) -> str:
         """PEFT / diffusers module path: ``unet.down_blocks.0...to_q`` (component-prefixed, no ``.weight``)."""
@@ -63,19 +73,27 @@ class ModuleTarget:
         return f"{comp}.{key.removesuffix('.weight')}"
 
 
-def shrink(d: int, factor: int) -> int:
-    """Shrink one dimension for small test files: model dims (≥ 64, divisible by ``factor``) are divided.
+def shape_rules(arch: str) -> ShapeRules:
+    """How every tensor size of ``arch`` follows from its shape config (:mod:`.dims`)."""
+    from .sd import shape_rules as sd_rules
 
-    Real files have ``factor`` 1. Shape checks that compare an adapter with the layout tables
-    accept one uniform factor per file, so shrunken fixtures behave like real files.
-    """
-    if factor > 1 and d >= 64 and d % factor == 0:
-        return d // factor
-    return d
+    return sd_rules(arch)
 
 
-def shrink_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
-    return tuple(shrink(d, factor) for d in shape)
+def standard_config(arch: str) -> ShapeConfig:
+    """The shape config of ``arch``'s released model (the key tables' shapes)."""
+    return shape_rules(arch).standard_config
+
+
+def layout_in(arch: str, naming: str, config: ShapeConfig) -> dict[str, TensorSpec]:
+    """:func:`checkpoint_layout` with every shape moved to ``config``."""
+    from .sd import component_of_key
+
+    rules = shape_rules(arch)
+    return {
+        k: TensorSpec(rules.shape(component_of_key(k)[0], s.shape, config), s.dtype)
+        for k, s in checkpoint_layout(arch, naming).items()
+    }
 
 
 def _read(name: str) -> str:

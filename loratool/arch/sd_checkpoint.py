@@ -24,10 +24,14 @@ optional keys that the reference tables leave out (EMA shadow weights, ``v_pred`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from functools import cache, cached_property
 
-from . import checkpoint_layout
+from ..source import TensorSpec
+from . import checkpoint_layout, shape_rules
+from .dims import ShapeConfig
+from .sd import component_of_key
 
 TRANSFORMS = ("conv1x1_linear", "transpose")
 
@@ -39,8 +43,8 @@ class KeyLink:
     Attributes:
         ldm_key: single-file key.
         diffusers_key: ``component/key`` in the diffusers folder.
-        rows: ``(start, stop)`` along dim 0 of ``ldm_key`` (full-size numbers) when the diffusers tensor
-            is a slice of a fused LDM tensor; ``None`` for the whole tensor.
+        rows: ``(start, stop)`` along dim 0 of ``ldm_key`` when the diffusers tensor is a slice of a fused
+            LDM tensor (the released model's numbers; :func:`sized_link` moves them); ``None`` for the whole tensor.
         transform: ``None``; ``"conv1x1_linear"`` (LDM ``(o, i, 1, 1)`` = diffusers ``(o, i)``);
             ``"transpose"`` (diffusers = LDM ``.T``).
     """
@@ -411,14 +415,11 @@ def checkpoint_links(arch: str) -> CheckpointLinks:
     return CheckpointLinks(arch, tuple(links), ldm_only, diffusers_only)
 
 
-def linked_shape(link: KeyLink, ldm_shape: tuple[int, ...], full_ldm_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
-    """Shape of the diffusers tensor of ``link`` given the single-file tensor's shape.
-
-    ``full_ldm_shape`` (the reference table's shape) scales ``rows`` for shrunken files.
-    """
+def linked_shape(link: KeyLink, ldm_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the diffusers tensor of ``link`` (sized to the file, see :func:`sized_link`) given the
+    single-file tensor's shape."""
     if link.rows is not None:
-        start, stop = scaled_rows(link.rows, full_ldm_shape[0] if full_ldm_shape else ldm_shape[0], ldm_shape[0])
-        return (stop - start, *ldm_shape[1:])
+        return (link.rows[1] - link.rows[0], *ldm_shape[1:])
     if link.transform == "conv1x1_linear":
         return tuple(ldm_shape[:2])
     if link.transform == "transpose":
@@ -426,11 +427,20 @@ def linked_shape(link: KeyLink, ldm_shape: tuple[int, ...], full_ldm_shape: tupl
     return tuple(ldm_shape)
 
 
-def scaled_rows(rows: tuple[int, int], full: int, actual: int) -> tuple[int, int]:
-    """``rows`` of a tensor with ``full`` rows, moved to one with ``actual`` rows (same thirds)."""
-    if full == actual:
-        return rows
-    return rows[0] * actual // full, rows[1] * actual // full
+def sized_link(link: KeyLink, config: ShapeConfig) -> KeyLink:
+    """``link`` in a model of shape config ``config`` (its fused-row slice moved there)."""
+    if link.rows is None:
+        return link
+    rows = shape_rules(config.arch).rows(component_of_key(link.ldm_key)[0], link.rows, config)
+    return replace(link, rows=rows)
+
+
+def solve_config(arch: str, specs: Mapping[str, TensorSpec], naming: str = "ldm") -> ShapeConfig:
+    """The shape config of a checkpoint of ``arch`` in ``naming``, read off its tensors' shapes."""
+    layout = checkpoint_layout(arch, naming)
+    return shape_rules(arch).solve(
+        (component_of_key(k)[0], layout[k].shape, s.shape) for k, s in specs.items() if k in layout
+    ).config
 
 
 __all__ = [
@@ -443,5 +453,6 @@ __all__ = [
     "ldm_link",
     "linked_shape",
     "one_sided_reason",
-    "scaled_rows",
+    "sized_link",
+    "solve_config",
 ]

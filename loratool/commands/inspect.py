@@ -9,7 +9,7 @@ import click
 
 @click.command("inspect")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Stable JSON on stdout (schema loratool.inspect/1), one object per file.")
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON on stdout (schema loratool.inspect/2), one object per file.")
 @click.option("--keys", is_flag=True, help="List every key with shape, dtype and the checkpoint weight it maps to.")
 @click.option("--stats", is_flag=True, help="Read every tensor: NaN/Inf check, per-block effective ΔW norm of adapters.")
 @click.option("--arch", type=click.Choice(["sd1", "sd2", "sdxl"]), help="Force the architecture instead of detecting it.")

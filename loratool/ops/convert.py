@@ -25,8 +25,8 @@ import torch
 
 from .. import dtypes, stream
 from ..adapters import FAMILIES, AdapterModule, lora_delta, rank_of, scale_of
-from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..arch.sd_checkpoint import SCHEDULE_BUFFERS
+from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..source import TensorSpec
 from ..writer import check_output, container_for, open_writer
 from .lowrank import factored_svd

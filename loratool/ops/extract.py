@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from .. import dtypes
-from ..detect import detect_checkpoint
-from ..errors import LoratoolError, MappingError, listing
 from ..arch import ARCH_LABELS, ModuleTarget, kohya_modules
 from ..arch.sd_naming import all_modules
+from ..detect import detect_checkpoint
+from ..errors import LoratoolError, MappingError, listing
 from ..metadata import iso_date, with_hashes
 from ..runtime import SMALL_FACTORIZATION, resolve_device, threads, threads_for
 from ..source import open_file

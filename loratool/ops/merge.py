@@ -26,10 +26,10 @@ import torch
 
 from .. import dtypes, stream
 from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, rank_of, scale_of
+from ..arch import ARCH_LABELS
 from ..blockweights import BlockWeights
 from ..detect import detect_checkpoint, is_adapter
 from ..errors import LoratoolError, MappingError, OutputError, listing
-from ..arch import ARCH_LABELS
 from ..metadata import parse_json_field, with_hashes
 from ..runtime import resolve_device, threads, threads_for
 from ..source import MODEL_SUFFIXES, TensorSpec
@@ -126,14 +126,6 @@ class MergeReport:
     dry_run: bool
 
 
-def _scaled_rows(rows: tuple[int, int] | None, full: tuple[int, ...], actual: tuple[int, ...]) -> tuple[int, int] | None:
-    """Row slice in the actual tensor (real files: unchanged; shrunken fixtures: divided by the shrink factor)."""
-    if rows is None or full[0] == actual[0]:
-        return rows
-    f = full[0] // actual[0]
-    return rows[0] // f, rows[1] // f
-
-
 def plan_checkpoint_merge(
     base_specs: dict[str, TensorSpec],
     base_naming: str,
@@ -146,6 +138,7 @@ def plan_checkpoint_merge(
     pairs whose target weight the base file lacks."""
     plan: list[Assignment] = []
     missing: list[tuple[str, str]] = []
+    misfit: list[str] = []
     for i, (ad, ratio) in enumerate(adapters):
         for name in sorted(ad.modules):
             m = ad.modules[name]
@@ -155,7 +148,10 @@ def plan_checkpoint_merge(
             if key not in base_specs:
                 missing.append((ad.path, f"{name} → {key}"))
                 continue
-            rows = _scaled_rows(rows, t.shape, base_specs[key].shape)
+            want = t.shape if base_naming == "ldm" else t.target_shape
+            if tuple(base_specs[key].shape) != tuple(want):
+                misfit.append(f"{name} needs {key} {tuple(want)}, the base has {tuple(base_specs[key].shape)}")
+                continue
             comp = unet_ratio if t.component == "unet" else te_ratio
             bw = block_weights.weight_for(t) if block_weights is not None else 1.0
             plan.append(Assignment(key, rows, i, name, m.family, ratio * comp * bw))
@@ -165,6 +161,11 @@ def plan_checkpoint_merge(
                     missing.append((ad.path, f"{name}.diff_b → {bias}"))
                 else:
                     plan.append(Assignment(bias, rows, i, name, m.family, ratio * comp * bw, "bias"))
+    if misfit:
+        raise MappingError(
+            f"{len(misfit)} modules do not fit the base's weights: {listing(misfit, 3)}",
+            hint="the LoRA was made for a model of another size; check that base and LoRA are the same architecture",
+        )
     return plan, missing
 
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from rich.markup import escape
 from rich.table import Table
 
-from ..inspection import FAMILY_LABELS, Inspection, as_dict
 from ..arch import ARCH_LABELS
+from ..inspection import FAMILY_LABELS, Inspection, as_dict
 from .common import print_json, stdout
 
 _TOP_TAGS = 10
@@ -91,8 +91,9 @@ def _render_one(r: Inspection) -> None:
             f"rank {rank if rank is not None else '-'} / alpha {_alpha(al)}: {n}" for rank, al, n in a.rank_alpha
         )
         _kv(g, "rank / alpha", hist)
-        if a.shrink_factor != 1:
-            _kv(g, "note", f"[dim]shapes are 1/{a.shrink_factor} of the real model (a shrunken test file)[/]")
+        if not a.standard_shapes:
+            dims = ", ".join(f"{k} {v}" for k, v in a.shape_config.items())
+            _kv(g, "shape config", f"[dim]not the released model's: {escape(dims)}[/]")
     stdout.print(g)
     if a is not None and a.unmapped:
         stdout.print(f"[bold yellow]unmapped keys ({len(a.unmapped)})[/] (other commands stop on these unless --allow-unmapped):")

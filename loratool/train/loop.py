@@ -27,8 +27,8 @@ from torch import nn
 
 from .. import dtypes
 from ..adapters import lora_delta
-from ..errors import LoratoolError
 from ..arch import kohya_modules
+from ..errors import LoratoolError
 from ..metadata import now, with_hashes
 from ..runtime import resolve_device, threads
 from ..source import open_file

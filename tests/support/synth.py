@@ -1,10 +1,11 @@
 """Seeded synthetic checkpoints and adapters with the real key names.
 
-Shapes come from the layout tables; ``factor`` shrinks every model dimension
-(dims ≥ 64 that ``factor`` divides) so fixtures stay tiny while keeping every
-relation between tensors (LoRA factors fit their targets, fused q/k/v slices
-scale with the tensor). ``factor=1`` gives full-size files for benchmarks.
-Values depend only on (seed, key), so any subset is reproducible.
+Shapes come from the layout tables moved to a genuine shape config of the architecture:
+:func:`tiny_config` divides every width of the released model by ``factor`` (a small model with
+the same layout, which diffusers builds from the same numbers), so every relation between
+tensors holds (LoRA factors fit their targets, fused q/k/v slices follow the width).
+``factor=1`` is the released config: full-size files for benchmarks. Values depend only on
+(seed, key), so any subset is reproducible.
 """
 
 from __future__ import annotations
@@ -17,9 +18,32 @@ from pathlib import Path
 import torch
 
 from loratool import dtypes
-from loratool.arch import ModuleTarget, checkpoint_layout, kohya_modules, shrink_shape
+from loratool.arch import ModuleTarget, checkpoint_layout, kohya_modules, shape_rules, standard_config
+from loratool.arch.dims import ShapeConfig
+from loratool.arch.sd import component_of_key
 from loratool.source import TensorSpec
 from loratool.writer import SafetensorsWriter
+
+
+def scaled(size: int, factor: int) -> int:
+    """A released model's size in the 1/``factor`` model: widths (≥ 64 and divisible) are divided; kernel
+    sizes, latent channels, the 77 positions and the 1000-step schedule stay."""
+    return size // factor if factor > 1 and size >= 64 and size % factor == 0 else size
+
+
+def scaled_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
+    return tuple(scaled(d, factor) for d in shape)
+
+
+def tiny_config(arch: str, factor: int) -> ShapeConfig:
+    """``arch``'s shape config with every width divided by ``factor`` (1: the released model)."""
+    std = standard_config(arch)
+    return std.replace(**{k: scaled(v, factor) for k, v in std.values})
+
+
+def sized(target: ModuleTarget, arch: str, factor: int) -> ModuleTarget:
+    """``target`` in the :func:`tiny_config` model."""
+    return target.sized(tiny_config(arch, factor))
 
 
 def _generator(seed: int, key: str) -> torch.Generator:
@@ -41,16 +65,17 @@ def random_tensor(key: str, spec: TensorSpec, seed: int, std: float = 0.02) -> t
 
 
 def checkpoint_specs(arch: str, naming: str = "ldm", factor: int = 64, dtype: str | None = None) -> dict[str, TensorSpec]:
-    """Specs of a synthetic full checkpoint (``naming`` ldm or diffusers), shrunk by ``factor``.
+    """Specs of a synthetic full checkpoint (``naming`` ldm or diffusers) of ``tiny_config(arch, factor)``.
 
     ``dtype`` (e.g. ``F32``) replaces the F16 of model weights; schedule buffers and integers keep theirs.
     """
     out = {}
+    rules, config = shape_rules(arch), tiny_config(arch, factor)
     for key, spec in checkpoint_layout(arch, naming).items():
         dt = spec.dtype
         if dtype and dt == "F16":
             dt = dtype
-        out[key] = TensorSpec(shrink_shape(spec.shape, factor), dt)
+        out[key] = TensorSpec(rules.shape(component_of_key(key)[0], spec.shape, config), dt)
     return out
 
 
@@ -83,11 +108,11 @@ def _conv_kernel(target: ModuleTarget) -> tuple[int, ...]:
 
 
 def lora_module_specs(
-    target: ModuleTarget, rank: int, factor: int, naming: str = "kohya"
+    target: ModuleTarget, rank: int, factor: int, naming: str = "kohya", arch: str = "sd1"
 ) -> dict[str, tuple[int, ...]]:
     """Role → shape of a LoRA module (down/up). kohya keeps conv kernel dims (also its 1x1-conv
     LoRA on SD2's linear proj weights); other namings follow the target weight's own rank."""
-    ts = shrink_shape(target.target_shape, factor)
+    ts = sized(target, arch, factor).target_shape
     out_f, in_f = ts[0], ts[1]
     k = _conv_kernel(target) if (naming == "kohya" or len(target.shape) == 4) else ()
     if k:
@@ -117,7 +142,7 @@ def iter_lora(
             continue
         if naming != "kohya" and target.kind == "conv3x3":
             continue
-        shapes = lora_module_specs(target, rank, factor, naming)
+        shapes = lora_module_specs(target, rank, factor, naming, arch)
         base = target.name if naming == "kohya" else target.peft_module
         down = random_tensor(base + ".down", TensorSpec(shapes["down"], dtype), seed, std=0.1)
         up = random_tensor(base + ".up", TensorSpec(shapes["up"], dtype), seed, std=0.1)
@@ -183,7 +208,7 @@ def make_loha(
     them; with ``tucker`` the 3x3 convs get ``hada_t1``/``hada_t2`` (r,r,kh,kw) and (r,out)/(r,in) factors."""
     out: dict[str, torch.Tensor] = {}
     for t in _select(arch, components, modules):
-        ts = shrink_shape(t.target_shape, factor)
+        ts = sized(t, arch, factor).target_shape
         o, i = ts[0], ts[1]
         k = _conv_kernel(t) if len(t.shape) == 4 else ()
         n = t.name
@@ -226,7 +251,7 @@ def make_lokr(
     """
     out: dict[str, torch.Tensor] = {}
     for idx, t in enumerate(_select(arch, components, modules)):
-        ts = shrink_shape(t.target_shape, factor)
+        ts = sized(t, arch, factor).target_shape
         o, i = ts[0], ts[1]
         k = _conv_kernel(t) if len(t.shape) == 4 else ()
         a, b = _factor_pair(o, kron_factor)
@@ -274,7 +299,7 @@ def make_locon_tucker(
     for t in _select(arch, components, modules):
         n = t.name
         if t.kind == "conv3x3":
-            ts = shrink_shape(t.target_shape, factor)
+            ts = sized(t, arch, factor).target_shape
             out[f"{n}.lora_down.weight"] = _rand(f"{n}.down", (rank, ts[1], 1, 1), seed, dtype)
             out[f"{n}.lora_mid.weight"] = _rand(f"{n}.mid", (rank, rank, *t.shape[2:]), seed, dtype)
             out[f"{n}.lora_up.weight"] = _rand(f"{n}.up", (ts[0], rank, 1, 1), seed, dtype)
@@ -302,7 +327,7 @@ def make_dora(
     """
     out = dict(iter_lora(arch, rank, alpha, factor, seed, "kohya", dtype, components, modules))
     for t in _select(arch, components, modules):
-        ts = shrink_shape(t.target_shape, factor)
+        ts = sized(t, arch, factor).target_shape
         tail = [1] * (len(t.shape) - 2)
         shape = (ts[0], 1, *tail) if axis == "out" else (1, ts[1], *tail)
         mag = _rand(f"{t.name}.dora", shape, seed, "F32", std=0.1).abs() + 0.5

@@ -2,7 +2,7 @@
 
 from .config import SDConfig, TextConfig, UNetConfig, VAEConfig, infer_config
 from .sd import (
-    TINY_FACTOR,
+    TINY_CONFIG,
     StableDiffusion,
     alphas_cumprod,
     build_model,
@@ -14,6 +14,6 @@ from .sd import (
 )
 
 __all__ = [
-    "SDConfig", "TextConfig", "UNetConfig", "VAEConfig", "infer_config", "TINY_FACTOR", "StableDiffusion",
+    "SDConfig", "TextConfig", "UNetConfig", "VAEConfig", "infer_config", "TINY_CONFIG", "StableDiffusion",
     "alphas_cumprod", "build_model", "checkpoint_tensors", "load_model", "make_tiny", "schedule_tensors", "tiny_specs",
 ]

@@ -13,15 +13,19 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ...arch import layout_in, standard_config
 from ...errors import FormatError
-from ...arch import checkpoint_layout, shrink_shape
 from ...source import TensorSpec, open_file
 from .clip import TextEncoder
 from .config import SDConfig, infer_config
 from .unet import UNet
 from .vae import AutoencoderKL
 
-TINY_FACTOR = 32
+# The tiny base's shape config: SD1's layout at 1/32 of its widths (UNet 10 channels, CLIP width 24 with
+# SD1's 77 positions and a 1544-token vocabulary, VAE 4 channels); diffusers builds the same model from it.
+TINY_CONFIG = standard_config("sd1").replace(
+    unet_channels=10, context_dim=24, text_width=24, vocab_size=1544, vae_channels=4
+)
 BETA_START, BETA_END, TIMESTEPS = 0.00085, 0.012, 1000
 
 
@@ -120,15 +124,15 @@ def build_model(cfg: SDConfig, device: str | torch.device = "cpu", init: bool = 
             return StableDiffusion(cfg)
 
 
-def tiny_specs(factor: int = TINY_FACTOR) -> dict[str, TensorSpec]:
-    """The SD1 LDM key table with model dims divided by ``factor`` (the tiny base's shapes)."""
-    return {k: TensorSpec(shrink_shape(s.shape, factor), s.dtype) for k, s in checkpoint_layout("sd1", "ldm").items()}
+def tiny_specs() -> dict[str, TensorSpec]:
+    """The SD1 LDM key table in :data:`TINY_CONFIG` (the tiny base's shapes)."""
+    return layout_in("sd1", "ldm", TINY_CONFIG)
 
 
-def make_tiny(seed: int = 0, factor: int = TINY_FACTOR) -> StableDiffusion:
-    """A seeded SD1 network at ``1/factor`` width (PyTorch default init), for tests and the demo."""
+def make_tiny(seed: int = 0) -> StableDiffusion:
+    """A seeded SD1 network of :data:`TINY_CONFIG` (PyTorch default init), for the demo base."""
     torch.manual_seed(seed)
-    return build_model(infer_config(tiny_specs(factor)))
+    return build_model(infer_config(tiny_specs()))
 
 
 def checkpoint_tensors(model: StableDiffusion) -> dict[str, torch.Tensor]:
