@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
-from support.synth import make_checkpoint
+from support.synth import make_checkpoint, sized
 
 from loratool.adapters import delta, load_adapter
 from loratool.arch import kohya_modules
 from loratool.cli import main
 from loratool.errors import MappingError
 from loratool.metadata import kohya_hashes
-from loratool.ops.extract import _rows, extract_lora
+from loratool.ops.extract import extract_lora
 from loratool.ops.lowrank import parse_rule, randomized_svd, seed_for
 from loratool.source import open_file
 from loratool.writer import save_tensors
@@ -37,7 +37,8 @@ def plant(arch: str, components=("unet",), conv: bool = False, seed: int = 0):
         if t.component not in components or (t.kind == "conv3x3" and not conv):
             continue
         w = tuned[t.address].clone()
-        rows = _rows(w, t)
+        t = sized(t, arch, 64)  # the fixtures' config (make_checkpoint's default)
+        rows = w if t.rows is None else w[t.rows[0]: t.rows[1]]
         uv = 0.1 * torch.randn(rows.shape[0], RANK, generator=g) @ torch.randn(RANK, rows[0].numel(), generator=g)
         rows += uv.reshape(rows.shape)
         tuned[t.address] = w

@@ -53,9 +53,10 @@ DEFAULT_REL_TOL = 1e-4
 
 
 def module_shape(module: AdapterModule) -> tuple[int, ...]:
-    """Shape of the ΔW a module makes, read from its own tensors (so shrunken test files work too).
+    """Shape of the ΔW a module makes, read from its own tensors (it equals the target's shape in the
+    file's config; reading it off the factors keeps this function free of the tables).
 
-    Conv kernels come from the target weight (kernels are never shrunk).
+    Conv kernels come from the target weight (a kernel size is a constant of the layer).
     """
     t = module.tensors
     target = module.target.target_shape

@@ -18,6 +18,7 @@ import torch
 
 from .. import dtypes
 from ..arch import ARCH_LABELS, ModuleTarget, kohya_modules
+from ..arch.sd_checkpoint import solve_config
 from ..arch.sd_naming import all_modules
 from ..detect import detect_checkpoint
 from ..errors import LoratoolError, MappingError, listing
@@ -93,12 +94,12 @@ def _key(target: ModuleTarget, naming: str) -> str:
     return target.address if naming == "ldm" else target.diffusers_key
 
 
-def _rows(tensor: torch.Tensor, target: ModuleTarget) -> torch.Tensor:
-    """The module's rows of a fused weight (rows scale with a shrunken test file's first dim)."""
-    if target.rows is None:
+def _rows(tensor: torch.Tensor, target: ModuleTarget, naming: str) -> torch.Tensor:
+    """The module's rows of a fused single-file weight (``target`` sized to the file's config); a diffusers
+    folder stores q, k and v apart, so its tensor is the module's weight as it is."""
+    if target.rows is None or naming != "ldm":
         return tensor
-    f = target.shape[0] // tensor.shape[0]
-    return tensor[target.rows[0] // f: target.rows[1] // f]
+    return tensor[target.rows[0]: target.rows[1]]
 
 
 def plan_targets(arch: str, all_layers: bool, with_conv: bool) -> tuple[list[ModuleTarget], int]:
@@ -162,6 +163,8 @@ def extract_lora(
             )
         arch = bm.arch
         targets, conv_left = plan_targets(arch, all_layers, conv_rank is not None)
+        config = solve_config(arch, bspecs, bm.naming)
+        targets = [t.sized(config) for t in targets]
         _check_pairs(targets, tspecs, tm.naming, tuned, bspecs, bm.naming, base)
         if on_start is not None:
             on_start(len(targets))
@@ -169,8 +172,8 @@ def extract_lora(
         pending: list[_Pending] = []
         skipped: list[str] = []
         for target in targets:
-            w_t = _rows(tcache.get(_key(target, tm.naming)), target)
-            w_b = _rows(bcache.get(_key(target, bm.naming)), target)
+            w_t = _rows(tcache.get(_key(target, tm.naming)), target, tm.naming)
+            w_b = _rows(bcache.get(_key(target, bm.naming)), target, bm.naming)
             kind = target.kind
             cap = conv_rank if kind == "conv3x3" else rank
             work = w_t.numel() * (w_t.shape[0] if exact else (cap or 1) + oversample) * (1 if exact else 2 * n_iter + 2)
