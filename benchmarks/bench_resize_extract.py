@@ -67,7 +67,7 @@ def _resize_dense(lora: str, sample: int | None) -> dict:
     import torch
 
     from loratool.adapters import load_adapter, scale_of
-    from loratool.source import open_file
+    from loratool.io.source import open_file
 
     with open_file(lora) as src:
         mods = load_adapter(src).modules
@@ -92,9 +92,9 @@ def _extract_dense(tuned: str, base: str, sample: int | None) -> dict:
     import torch
 
     from loratool.arch import kohya_modules
+    from loratool.io.source import open_file
     from loratool.ops.extract import _rows
     from loratool.ops.lowrank import retention
-    from loratool.source import open_file
 
     targets = {n: t for n, t in kohya_modules("sd1").items() if t.kind != "conv3x3"}
     flat = {}
@@ -143,7 +143,7 @@ def _step(step: str, p: Path, sample: int | None) -> dict:
     elif step == "setup":
         from support.synth import iter_lora, write_checkpoint
 
-        from loratool.writer import save_tensors
+        from loratool.io.output import save_tensors
 
         save_tensors(p / "lora128.safetensors", dict(iter_lora("sd1", rank=RANK_IN, alpha=64, factor=1, seed=7)), force=True)
         write_checkpoint(p / "base.safetensors", "sd1", factor=1, seed=1, force=True)

@@ -39,7 +39,7 @@ while True:
 def _setup(p: Path) -> None:
     from support.synth import iter_lora, write_checkpoint
 
-    from loratool.writer import save_tensors
+    from loratool.io.output import save_tensors
 
     if not (p / "lora128.safetensors").exists():
         save_tensors(p / "lora128.safetensors", dict(iter_lora("sd1", rank=128, alpha=64, factor=1, seed=7)), force=True)

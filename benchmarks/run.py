@@ -84,7 +84,7 @@ def merge_naive(ckpt: str, lora: str, out: str) -> None:
     from safetensors.torch import load_file, save_file
 
     from loratool.adapters import apply_to_weight, load_adapter
-    from loratool.source import open_file
+    from loratool.io.source import open_file
 
     sd = load_file(ckpt)
     for m in load_adapter(open_file(lora)).modules.values():
@@ -126,7 +126,7 @@ STEPS["merge_mecha"] = merge_mecha
 def _files(folder: Path, arch: str) -> tuple[Path, Path]:
     from support.synth import iter_lora, write_checkpoint
 
-    from loratool.writer import save_tensors
+    from loratool.io.output import save_tensors
 
     ckpt, lora = folder / f"{arch}-full.safetensors", folder / f"{arch}-lora-r32.safetensors"
     if not ckpt.exists():

@@ -398,7 +398,7 @@ def best_arch(
     foreign sizes are present).
 
     Args:
-        specs: key → anything with a ``.shape`` (a :class:`~loratool.source.TensorSpec`).
+        specs: key → anything with a ``.shape`` (a :class:`~loratool.io.source.TensorSpec`).
         metadata: the file's metadata, if any.
 
     Returns:
@@ -630,7 +630,7 @@ def load_adapter(source, arch: str | None = None, allow_unmapped: bool = False) 
     """Read every module of an adapter source (any naming) into memory, resolved to targets.
 
     Args:
-        source: a :class:`~loratool.source.TensorSource` of a LoRA/LyCORIS file.
+        source: a :class:`~loratool.io.source.TensorSource` of a LoRA/LyCORIS file.
         arch: force ``sd1`` / ``sd2`` / ``sdxl`` instead of detecting it from keys and shapes.
         allow_unmapped: keep going when some keys map to no module (they are listed in ``unmapped``).
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .arch import ARCH_LABELS, ARCHES, checkpoint_layout, shape_rules
 from .arch.sd import COMPONENT_LABELS, component_of_key
 from .errors import DetectionError
-from .source import TensorSpec
+from .io.source import TensorSpec
 
 MIN_SCORE = 0.5
 

@@ -22,8 +22,8 @@ from .arch import ARCH_LABELS, checkpoint_layout, kohya_modules, standard_config
 from .detect import FileDetection, detect_file
 from .detect import component_of_key as _component_and_rest
 from .errors import LoratoolError
+from .io.source import TensorSource, TensorSpec, open_file
 from .metadata import HashReport, TrainingField, Triggers, hash_report, training_summary, trigger_words
-from .source import TensorSource, TensorSpec, open_file
 
 SCHEMA = "loratool.inspect/2"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae", "other")
@@ -159,7 +159,7 @@ def inspect_source(
     stats: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Inspection:
-    """:func:`inspect_path` on an already open source (any :class:`~loratool.source.TensorSource`)."""
+    """:func:`inspect_path` on an already open source (any :class:`~loratool.io.source.TensorSource`)."""
     specs = {k: source.spec(k) for k in source.keys()}
     metadata = dict(source.metadata or {})
     det = detect_file(specs, metadata, arch)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from loratool.arch.sd_checkpoint import checkpoint_links
-from loratool.convert_checkpoint import convert_checkpoint
 from loratool.detect import detect_checkpoint
 from loratool.errors import LoratoolError, MappingError, OutputError
-from loratool.source import MemorySource, open_file
+from loratool.io.source import MemorySource, open_file
+from loratool.ops.layout import convert_checkpoint
 
 CASES = [("sd15", "sd1"), ("sd21", "sd2"), ("sdxl", "sdxl")]
 

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loratool.convert_checkpoint import convert_checkpoint
-from loratool.source import open_file
+from loratool.io.source import open_file
+from loratool.ops.layout import convert_checkpoint
 
 sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
 

@@ -9,7 +9,7 @@ import torch
 from support.synth import make_lora
 
 from loratool.cli import main
-from loratool.writer import save_tensors
+from loratool.io.output import save_tensors
 
 
 def _lora(tmp_path, name, edit):

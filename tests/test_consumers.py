@@ -20,8 +20,8 @@ pytest.importorskip("peft")
 
 from loratool.arch import kohya_modules  # noqa: E402
 from loratool.cli import main  # noqa: E402
-from loratool.source import open_file  # noqa: E402
-from loratool.writer import save_tensors  # noqa: E402
+from loratool.io.output import save_tensors  # noqa: E402
+from loratool.io.source import open_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "loratool" / "assets" / "tiny-sd1.safetensors"

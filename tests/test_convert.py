@@ -15,9 +15,9 @@ from support.synth import make_checkpoint, scaled_shape
 from loratool.adapters import delta, load_adapter
 from loratool.arch import adapter_layout, kohya_modules
 from loratool.cli import main
+from loratool.io.output import save_tensors
+from loratool.io.source import open_file
 from loratool.ops.convert import PRUNE_RULES, convert, module_shape, prune_reason
-from loratool.source import open_file
-from loratool.writer import save_tensors
 
 
 def run(*args: str) -> int:

@@ -11,7 +11,7 @@ from loratool.arch import ARCHES, adapter_layout, adapter_layout_names, checkpoi
 from loratool.detect import detect_file
 from loratool.errors import DetectionError
 from loratool.inspection import inspect_source
-from loratool.source import TensorSpec
+from loratool.io.source import TensorSpec
 
 
 class SpecSource:
@@ -281,7 +281,7 @@ def test_closed_form_norms_agree_with_dense_delta(fixtures, name):
     """‖scale·ΔW‖² from Gram matrices / Kronecker norms equals the norm of the dense adapters.delta."""
     from loratool.adapters import delta, load_adapter
     from loratool.inspection import delta_norm_sq
-    from loratool.source import open_file
+    from loratool.io.source import open_file
 
     path = fixtures / f"{name}.safetensors"
     if not path.exists():

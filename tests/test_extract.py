@@ -12,11 +12,11 @@ from loratool.adapters import delta, load_adapter
 from loratool.arch import kohya_modules
 from loratool.cli import main
 from loratool.errors import MappingError
+from loratool.io.output import save_tensors
+from loratool.io.source import open_file
 from loratool.metadata import kohya_hashes
 from loratool.ops.extract import extract_lora
 from loratool.ops.lowrank import parse_rule, randomized_svd, seed_for
-from loratool.source import open_file
-from loratool.writer import save_tensors
 
 RANK = 2
 

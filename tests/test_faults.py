@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from loratool.errors import OutputError
-from loratool.source import TensorSpec
-from loratool.writer import SafetensorsWriter, save_tensors
+from loratool.io.output import save_tensors
+from loratool.io.source import TensorSpec
+from loratool.io.writer import SafetensorsWriter
 
 
 def test_out_of_space_mid_write_leaves_nothing(tmp_path):
@@ -54,8 +55,8 @@ def test_sigint_mid_write_leaves_no_output(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, time, torch
-        from loratool.source import TensorSpec
-        from loratool.writer import SafetensorsWriter
+        from loratool.io.source import TensorSpec
+        from loratool.io.writer import SafetensorsWriter
         specs = {{f"t{{i}}": TensorSpec((256,), "F32") for i in range(1000)}}
         with SafetensorsWriter({str(tmp_path / "out.safetensors")!r}, specs) as w:
             for i in range(1000):

@@ -16,7 +16,7 @@ from loratool.adapters import index_adapter, split_key
 from loratool.arch import ARCHES
 from loratool.arch.sd_naming import all_modules
 from loratool.errors import FormatError, LoratoolError, UnsafePickleError
-from loratool.source import open_file
+from loratool.io.source import open_file
 
 MARKER = "/tmp/loratool-hostile-marker"
 

@@ -11,8 +11,8 @@ import torch
 from support.synth import make_lora
 
 from loratool.cli import main
+from loratool.io.output import save_tensors
 from loratool.metadata import with_hashes
-from loratool.writer import save_tensors
 
 GOLDEN_TOP = {
     "adapter", "components", "detection", "file_size", "format", "hash_note", "hashes", "keys", "kind",

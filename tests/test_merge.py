@@ -14,9 +14,9 @@ from loratool.arch import kohya_modules
 from loratool.blockweights import block_of, parse_block_weights
 from loratool.cli import main
 from loratool.errors import LoratoolError
+from loratool.io.output import save_tensors
+from loratool.io.source import open_file
 from loratool.ops.merge import merge_tag_frequency, parse_adapter_arg
-from loratool.source import open_file
-from loratool.writer import save_tensors
 
 BASES = {"sd1": "sd15-tiny.safetensors", "sd2": "sd21-tiny.safetensors", "sdxl": "sdxl-tiny.safetensors"}
 

@@ -5,8 +5,8 @@ from support.synth import make_lora
 
 from loratool.cli import main
 from loratool.errors import DetectionError
-from loratool.source import open_file
-from loratool.writer import save_tensors
+from loratool.io.output import save_tensors
+from loratool.io.source import open_file
 
 
 def test_ambiguous_adapter_takes_base_arch(tmp_path, fixtures):

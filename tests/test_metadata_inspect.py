@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loratool.io.output import save_tensors
 from loratool.metadata import (
     addnet_hash,
     autov2,
@@ -23,7 +24,6 @@ from loratool.metadata import (
     trigger_words,
     with_hashes,
 )
-from loratool.writer import save_tensors
 
 # FIPS 180-2 test vectors
 SHA256_ABC = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

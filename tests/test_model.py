@@ -10,7 +10,7 @@ import torch
 
 from loratool.arch import checkpoint_layout
 from loratool.detect import detect_checkpoint
-from loratool.source import open_file
+from loratool.io.source import open_file
 from loratool.train.model import build_model, infer_config, load_model, schedule_tensors, tiny_specs
 from loratool.train.model.unet import timestep_embedding
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from loratool.cli import main
-from loratool.source import open_file
-from loratool.writer import save_tensors
+from loratool.io.output import save_tensors
+from loratool.io.source import open_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "fixtures"
@@ -128,7 +128,7 @@ def test_force_over_a_diffusers_folder_keeps_files_we_did_not_write(tmp_path):
 def test_merge_into_a_diffusers_folder_is_atomic(tmp_path, monkeypatch):
     base = tmp_path / "base"
     assert main(["convert", str(FIX / "sd15-tiny.safetensors"), str(base), "--to", "diffusers"]) == 0
-    from loratool.writer import SafetensorsWriter
+    from loratool.io.writer import SafetensorsWriter
 
     calls = {"n": 0}
     real = SafetensorsWriter.write
@@ -151,7 +151,7 @@ def test_merge_into_a_diffusers_folder_is_atomic(tmp_path, monkeypatch):
 _KILL_AFTER = textwrap.dedent(
     """
     import os, signal, sys
-    from loratool import writer
+    from loratool.io import writer
     from loratool.cli import main
     real, n = writer.SafetensorsWriter.write, [0]
     def write(self, key, tensor):
@@ -189,8 +189,8 @@ def test_merge_dtype_fp16_clamps_like_convert(tmp_path):
     converted = open_file(tmp_path / "c.safetensors").get("model.diffusion_model.x")
     assert converted.tolist()[:3] == [1.0, 65504.0, -65504.0]
 
-    from loratool.source import TensorSpec
-    from loratool.writer import SafetensorsWriter
+    from loratool.io.source import TensorSpec
+    from loratool.io.writer import SafetensorsWriter
 
     with SafetensorsWriter(tmp_path / "w.safetensors", {"x": TensorSpec((4,), "F16")}) as w:
         w.write("x", base["model.diffusion_model.x"])

@@ -12,11 +12,11 @@ from loratool.adapters import delta, load_adapter
 from loratool.arch import kohya_modules
 from loratool.cli import main
 from loratool.errors import DetectionError, LoratoolError
+from loratool.io.output import save_tensors
+from loratool.io.source import open_file
 from loratool.metadata import kohya_hashes
 from loratool.ops.lowrank import SvFro, parse_rule
 from loratool.ops.resize import resize_lora
-from loratool.source import open_file
-from loratool.writer import save_tensors
 
 
 def flat_delta(module) -> torch.Tensor:

@@ -12,9 +12,9 @@ from support.synth import make_lora
 
 from loratool.cli import main
 from loratool.errors import LoratoolError
+from loratool.io.output import save_tensors
 from loratool.train.model import load_model
 from loratool.train.sample import LoraRef, apply_lora, ddim_timesteps, parse_prompt, parse_size
-from loratool.writer import save_tensors
 
 BASE = Path(__file__).resolve().parent.parent / "loratool" / "assets" / "tiny-sd1.safetensors"
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from loratool.errors import FormatError, OutputError, UnsafePickleError
-from loratool.source import TensorSpec, open_file
-from loratool.writer import SafetensorsWriter, save_tensors
+from loratool.io.output import save_tensors
+from loratool.io.source import TensorSpec, open_file
+from loratool.io.writer import SafetensorsWriter
 
 TENSORS = {
     "w.weight": torch.randn(3, 4, dtype=torch.float16),

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from loratool import stream
-from loratool.source import TensorSpec, open_file
-from loratool.writer import SafetensorsWriter, save_tensors
+from loratool.io import stream
+from loratool.io.output import save_tensors
+from loratool.io.source import TensorSpec, open_file
+from loratool.io.writer import SafetensorsWriter
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 

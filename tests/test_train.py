@@ -13,8 +13,8 @@ from loratool.adapters import load_adapter
 from loratool.arch import kohya_modules
 from loratool.cli import main
 from loratool.detect import detect_checkpoint
+from loratool.io.source import open_file
 from loratool.metadata import kohya_hashes, parse_json_field
-from loratool.source import open_file
 from loratool.train import LoRAModule, TrainOptions, inject_lora, train
 from loratool.train.model import load_model
 from loratool.train.sample import apply_lora

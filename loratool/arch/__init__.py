@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 
-from ..source import TensorSpec
+from ..io.source import TensorSpec
 from .dims import ShapeConfig, ShapeRules
 
 ARCHES = ("sd1", "sd2", "sdxl")

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cache, cached_property
 
-from ..source import TensorSpec
+from ..io.source import TensorSpec
 from . import checkpoint_layout, shape_rules
 from .dims import ShapeConfig
 from .sd import component_of_key

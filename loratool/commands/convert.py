@@ -55,9 +55,9 @@ def command(
     loratool convert loha.safetensors lora.safetensors --to lora
     loratool convert model.safetensors model-folder --to diffusers
     """
+    from ..io.source import open_file
     from ..ops.convert import convert
     from ..render import convert as render
-    from ..source import open_file
 
     source = open_file(src)
     try:

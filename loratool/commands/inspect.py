@@ -27,9 +27,9 @@ def command(files: tuple[Path, ...], as_json: bool, keys: bool, stats: bool, arc
     """
     from ..errors import LoratoolError
     from ..inspection import inspect_source
+    from ..io.source import open_file
     from ..render import inspect as render
     from ..render.common import print_error, progress
-    from ..source import open_file
 
     reports, failed = [], []
     for f in files:

@@ -34,9 +34,9 @@ def command(base, loras, out, force, device, dtype, te_ratio, unet_ratio, lbw, d
     from ..blockweights import parse_block_weights
     from ..detect import detect_checkpoint
     from ..errors import DetectionError, LoratoolError
+    from ..io.source import open_file
     from ..ops import merge as ops
     from ..render import merge as render
-    from ..source import open_file
 
     fallback_arch = None  # the base checkpoint's arch, for adapters whose own keys cannot decide
 

@@ -25,13 +25,13 @@ from . import options as opt
 def command(base, prompt, negative, lora_dir, output, steps, guidance, seed, size, tokenizer, device, force) -> None:
     """Generate an image with DDIM (seeded); LoRAs in the prompt are merged into the weights in memory."""
     from ..assets import tiny_base
+    from ..io.writer import check_output
     from ..render.train import sample_report
     from ..runtime import resolve_device
     from ..train import cpu_threads, default_resolution
     from ..train.data import make_tokenizer
     from ..train.model import load_model
     from ..train.sample import apply_lora, find_lora, generate, parse_prompt, parse_size, save_png
-    from ..writer import check_output
 
     base = base or tiny_base()
     text, refs = parse_prompt(prompt)

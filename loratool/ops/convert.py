@@ -5,7 +5,7 @@ The file has two parts:
 * pure tensor math: :func:`alpha_in_dtype`, :func:`to_lora_factors` (any adapter module → exact or
   tolerance-bounded LoRA factors);
 * :func:`convert`, which plans the output (keys, shapes, dtypes), streams tensors from the source to
-  the writer (:mod:`loratool.stream`, :func:`loratool.writer.open_writer`) and returns a
+  the writer (:mod:`loratool.stream`, :func:`loratool.io.writer.open_writer`) and returns a
   :class:`ConvertReport`. It never prints.
 
 Casts follow the one rule of :func:`loratool.dtypes.cast` (clamp to the finite range, round to nearest
@@ -23,12 +23,14 @@ from pathlib import Path
 
 import torch
 
-from .. import dtypes, stream
+from .. import dtypes
 from ..adapters import FAMILIES, AdapterModule, lora_delta, rank_of, scale_of
 from ..arch.sd_checkpoint import SCHEDULE_BUFFERS
 from ..errors import LoratoolError, MappingError, OutputError, listing
-from ..source import TensorSpec
-from ..writer import check_output, container_for, open_writer
+from ..io import stream
+from ..io.output import open_writer
+from ..io.source import TensorSpec
+from ..io.writer import check_output, container_for
 from .lowrank import factored_svd
 
 # ----------------------------------------------------------------------------- dtype casts
@@ -678,7 +680,7 @@ def convert(
     """Convert one model file; the output's extension decides its container.
 
     Args:
-        source: an open :class:`~loratool.source.TensorSource`.
+        source: an open :class:`~loratool.io.source.TensorSource`.
         out: output file (``.safetensors`` or ``.ckpt``/``.pt``/``.pth``/``.bin``), or a folder for
             ``to="diffusers"`` on a full checkpoint.
         to: ``None`` (same naming; container, dtype, prune only), ``kohya`` / ``peft`` /
@@ -739,7 +741,7 @@ def _convert_checkpoint(source, out, to, dtype, prune, arch, force, on_progress,
             "--prune with a layout change is not supported in one step",
             hint="prune first (loratool convert IN pruned.safetensors --prune), then change the layout",
         )
-    from ..convert_checkpoint import convert_checkpoint
+    from .layout import convert_checkpoint
 
     if to == "ldm" and container_for(out) != "safetensors":
         raise OutputError(

@@ -22,10 +22,11 @@ from ..arch.sd_checkpoint import solve_config
 from ..arch.sd_naming import all_modules
 from ..detect import detect_checkpoint
 from ..errors import LoratoolError, MappingError, listing
+from ..io.output import save_tensors
+from ..io.source import open_file
+from ..io.writer import check_output, container_for
 from ..metadata import iso_date, with_hashes
 from ..runtime import SMALL_FACTORIZATION, resolve_device, threads, threads_for
-from ..source import open_file
-from ..writer import check_output, container_for, save_tensors
 from .lowrank import (
     FIXED,
     Budget,

@@ -24,16 +24,19 @@ from pathlib import Path
 
 import torch
 
-from .. import dtypes, stream
+from .. import dtypes
 from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, rank_of, scale_of
 from ..arch import ARCH_LABELS
 from ..blockweights import BlockWeights
 from ..detect import detect_checkpoint, is_adapter
 from ..errors import LoratoolError, MappingError, OutputError, listing
+from ..io import stream
+from ..io.folder import FolderOutput
+from ..io.output import open_writer, save_tensors
+from ..io.source import MODEL_SUFFIXES, TensorSpec
+from ..io.writer import SafetensorsWriter, check_output, container_for
 from ..metadata import parse_json_field, with_hashes
 from ..runtime import resolve_device, threads, threads_for
-from ..source import MODEL_SUFFIXES, TensorSpec
-from ..writer import FolderOutput, SafetensorsWriter, check_output, container_for, open_writer, save_tensors
 from .lowrank import factored_svd
 
 Progress = Callable[[int, int, str], None]

@@ -20,10 +20,11 @@ import torch
 from .. import dtypes
 from ..adapters import AdapterModule, load_adapter, scale_of
 from ..errors import DetectionError, LoratoolError
+from ..io.output import save_tensors
+from ..io.source import open_file
+from ..io.writer import check_output, container_for
 from ..metadata import with_hashes
 from ..runtime import resolve_device, threads, threads_for
-from ..source import open_file
-from ..writer import check_output, container_for, save_tensors
 from .lowrank import (
     FIXED,
     Budget,

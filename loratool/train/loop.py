@@ -29,10 +29,11 @@ from .. import dtypes
 from ..adapters import lora_delta
 from ..arch import kohya_modules
 from ..errors import LoratoolError
+from ..io.output import open_writer, save_tensors
+from ..io.source import open_file
+from ..io.writer import SafetensorsWriter, check_output, container_for
 from ..metadata import now, with_hashes
 from ..runtime import resolve_device, threads
-from ..source import open_file
-from ..writer import SafetensorsWriter, check_output, container_for, open_writer, save_tensors
 from .data import (
     Item,
     Subset,

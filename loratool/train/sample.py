@@ -20,7 +20,7 @@ import torch
 
 from ..adapters import apply_to_weight, load_adapter
 from ..errors import LoratoolError
-from ..source import open_file
+from ..io.source import open_file
 from .data import make_tokenizer
 from .model import StableDiffusion, alphas_cumprod
 

@@ -21,8 +21,8 @@ from loratool import dtypes
 from loratool.arch import ModuleTarget, checkpoint_layout, kohya_modules, shape_rules, standard_config
 from loratool.arch.dims import ShapeConfig
 from loratool.arch.sd import component_of_key
-from loratool.source import TensorSpec
-from loratool.writer import SafetensorsWriter
+from loratool.io.source import TensorSpec
+from loratool.io.writer import SafetensorsWriter
 
 
 def scaled(size: int, factor: int) -> int:

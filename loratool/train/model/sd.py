@@ -15,7 +15,7 @@ from torch import nn
 
 from ...arch import layout_in, standard_config
 from ...errors import FormatError
-from ...source import TensorSpec, open_file
+from ...io.source import TensorSpec, open_file
 from .clip import TextEncoder
 from .config import SDConfig, infer_config
 from .unet import UNet

@@ -18,13 +18,15 @@ from pathlib import Path
 
 import torch
 
-from . import dtypes, stream
-from .arch.sd_checkpoint import KeyLink, checkpoint_links, linked_shape, one_sided_reason, sized_link, solve_config
-from .detect import detect_checkpoint
-from .errors import LoratoolError, MappingError, OutputError, listing
-from .pipeline_folder import default_prediction_type, write_pipeline_files
-from .source import TensorSpec, open_file
-from .writer import FolderOutput, SafetensorsWriter
+from .. import dtypes
+from ..arch.sd_checkpoint import KeyLink, checkpoint_links, linked_shape, one_sided_reason, sized_link, solve_config
+from ..arch.sd_pipeline import default_prediction_type, write_pipeline_files
+from ..detect import detect_checkpoint
+from ..errors import LoratoolError, MappingError, OutputError, listing
+from ..io import stream
+from ..io.folder import FolderOutput
+from ..io.source import TensorSpec, open_file
+from ..io.writer import SafetensorsWriter
 
 _WEIGHT_FILES = {
     "unet": "diffusion_pytorch_model.safetensors",
@@ -114,7 +116,7 @@ def convert_checkpoint(
         on_progress: called as ``on_progress(done, total, key)`` after each tensor.
         allow_unmapped: leave unknown source keys out (listed in the report) instead of raising.
         prediction_type: the diffusers scheduler's ``epsilon`` / ``v_prediction`` (default: see
-            :func:`loratool.pipeline_folder.default_prediction_type`).
+            :func:`loratool.arch.sd_pipeline.default_prediction_type`).
 
     Returns:
         A :class:`CheckpointConvertReport`.

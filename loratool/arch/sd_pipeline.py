@@ -22,8 +22,8 @@ import json
 from math import gcd
 from pathlib import Path
 
-from .assets import write_clip_tokenizer
-from .source import TensorSpec
+from ..assets import write_clip_tokenizer
+from ..io.source import TensorSpec
 
 DIFFUSERS_VERSION = "0.32.1"  # the diffusers release whose folder layout the tables follow
 PREDICTION_TYPES = ("epsilon", "v_prediction")
