@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import dtypes
-from .adapters import AdapterIndex, AdapterModule, delta, rank_of, scale_of, sized_index
+from .adapters import AdapterIndex, AdapterModule, delta_norm_sq, rank_of, sized_index
 from .arch import ARCH_LABELS, checkpoint_layout, kohya_modules, standard_config
 from .detect import FileDetection, detect_file
 from .detect import component_of_key as _component_and_rest
@@ -392,33 +392,6 @@ def _stats(source, specs, det: FileDetection, index: AdapterIndex | None, progre
         ordered = sorted(sq.items(), key=lambda kv: _block_order(kv[0]))
         blocks = [BlockNorm(b, count[b], round(math.sqrt(v), 6)) for b, v in ordered]
     return Stats(tuple(blocks), tuple(nonfinite), len(specs))
-
-
-def delta_norm_sq(module: AdapterModule, shape: tuple[int, ...]) -> float:
-    """``‖(alpha/rank)·ΔW‖²_F`` of one module, without the dense ΔW where a closed form exists.
-
-    LoRA (no Tucker mid): with U = up (out, r) and D = down (r, in·k·k),
-    ``‖U·D‖²_F = Σ_ij (UᵀU)_ij · (D·Dᵀ)_ij`` — two r×r Gram matrices.
-    LoKr: ``‖kron(w1, w2)‖_F = ‖w1‖_F · ‖w2‖_F``. Every other family: the dense
-    :func:`loratool.adapters.delta`. Computed in float64.
-    """
-    t = module.tensors
-    scale = scale_of(module.family, t)
-    if module.family == "lora" and "mid" not in t:
-        u = t["up"].double().reshape(t["up"].shape[0], -1)
-        d = t["down"].double().reshape(t["down"].shape[0], -1)
-        if u.shape[1] == d.shape[0] and u.shape[0] * d.shape[1] == _numel(shape):
-            return float(((u.T @ u) * (d @ d.T)).sum()) * scale * scale
-    if module.family == "lokr" and "lokr_t2" not in t:
-        w1 = t["lokr_w1"].double() if "lokr_w1" in t else t["lokr_w1_a"].double() @ t["lokr_w1_b"].double()
-        w2 = t["lokr_w2"].double() if "lokr_w2" in t else t["lokr_w2_a"].double() @ t["lokr_w2_b"].double()
-        if w1.numel() * w2.numel() == _numel(shape):
-            return float(w1.pow(2).sum() * w2.pow(2).sum()) * scale * scale
-    return float(delta(module, shape).double().pow(2).sum())
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
 
 
 def _block_order(block: str):

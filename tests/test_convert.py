@@ -12,12 +12,12 @@ import pytest
 import torch
 from support.synth import make_checkpoint, scaled_shape
 
-from loratool.adapters import delta, load_adapter
+from loratool.adapters import delta, load_adapter, module_shape
 from loratool.arch import adapter_layout, kohya_modules
 from loratool.cli import main
 from loratool.io.output import save_tensors
 from loratool.io.source import open_file
-from loratool.ops.convert import PRUNE_RULES, convert, module_shape, prune_reason
+from loratool.ops.convert import PRUNE_RULES, convert, prune_reason
 
 
 def run(*args: str) -> int:

@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loratool.adapters import AdapterModule, delta
+from loratool.adapters import AdapterModule, delta, module_shape, to_lora_factors
 from loratool.arch import ModuleTarget
 from loratool.dtypes import cast as cast_float
 from loratool.dtypes import float_max
-from loratool.ops.convert import alpha_in_dtype, module_shape, to_lora_factors
+from loratool.ops.convert import alpha_in_dtype
 
 LIMITS = {"F16": 65504.0, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
 

@@ -279,8 +279,7 @@ def test_checkpoint_without_vae_says_so():
 @pytest.mark.parametrize("name", ["sd15-lora-kohya", "sd15-lokr", "sd15-loha", "sd15-locon-tucker", "sd15-lora-peft"])
 def test_closed_form_norms_agree_with_dense_delta(fixtures, name):
     """‖scale·ΔW‖² from Gram matrices / Kronecker norms equals the norm of the dense adapters.delta."""
-    from loratool.adapters import delta, load_adapter
-    from loratool.inspection import delta_norm_sq
+    from loratool.adapters import delta, delta_norm_sq, load_adapter
     from loratool.io.source import open_file
 
     path = fixtures / f"{name}.safetensors"

@@ -1,12 +1,9 @@
 """`loratool convert`: containers, dtypes, pruning, LoRA naming and LyCORIS → LoRA.
 
-The file has two parts:
-
-* pure tensor math: :func:`alpha_in_dtype`, :func:`to_lora_factors` (any adapter module → exact or
-  tolerance-bounded LoRA factors);
-* :func:`convert`, which plans the output (keys, shapes, dtypes), streams tensors from the source to
-  the writer (:mod:`loratool.stream`, :func:`loratool.io.writer.open_writer`) and returns a
-  :class:`ConvertReport`. It never prints.
+:func:`convert` plans the output (keys, shapes, dtypes), streams tensors from the source to the
+writer (:mod:`loratool.io.stream`, :func:`loratool.io.output.open_writer`) and returns a
+:class:`ConvertReport`; it never prints. The LyCORIS → LoRA factor math is
+:func:`loratool.adapters.to_lora_factors`.
 
 Casts follow the one rule of :func:`loratool.dtypes.cast` (clamp to the finite range, round to nearest
 even), applied by the engine and counted by the writer.
@@ -24,14 +21,14 @@ from pathlib import Path
 import torch
 
 from .. import dtypes
-from ..adapters import FAMILIES, AdapterModule, lora_delta, rank_of, scale_of
+from ..adapters import DEFAULT_REL_TOL, FAMILIES, AdapterModule, rank_of, to_lora_factors
+from ..adapters.families import missing_roles
 from ..arch.sd_checkpoint import SCHEDULE_BUFFERS
 from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..io import stream
 from ..io.output import open_writer
 from ..io.source import TensorSpec
 from ..io.writer import check_output, container_for
-from .lowrank import factored_svd
 
 # ----------------------------------------------------------------------------- dtype casts
 
@@ -47,173 +44,6 @@ def alpha_in_dtype(alpha: torch.Tensor, dtype: str) -> torch.Tensor:
     if not alpha.is_floating_point():
         return alpha
     return dtypes.exact_scalar(float(alpha.double().reshape(-1)[0]), dtype)
-
-
-# ----------------------------------------------------------------------------- adapter → LoRA factors
-
-DEFAULT_REL_TOL = 1e-4
-
-
-def module_shape(module: AdapterModule) -> tuple[int, ...]:
-    """Shape of the ΔW a module makes, read from its own tensors (it equals the target's shape in the
-    file's config; reading it off the factors keeps this function free of the tables).
-
-    Conv kernels come from the target weight (a kernel size is a constant of the layer).
-    """
-    t = module.tensors
-    target = module.target.target_shape
-    kernel = tuple(target[2:]) if len(target) == 4 else ()
-    k = math.prod(kernel) if kernel else 1
-    fam = module.family
-    if fam == "lora":
-        down, up = t["down"], t["up"]
-        if "mid" in t:
-            return (up.shape[0], down.shape[1], *t["mid"].shape[2:])
-        if down.dim() == 4:
-            return (up.shape[0], *down.shape[1:]) if kernel or down.shape[2:] != (1, 1) else (up.shape[0], down.shape[1])
-        return (up.shape[0], down.shape[1])
-    if fam == "loha":
-        if "hada_t1" in t:
-            return (t["hada_w1_a"].shape[1], t["hada_w1_b"].shape[1], *t["hada_t1"].shape[2:])
-        out, flat = t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1]
-    elif fam == "lokr":
-        w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
-        if "lokr_w2" in t:
-            w2 = t["lokr_w2"]
-            b, rest = w2.shape[0], math.prod(w2.shape[1:])
-        elif "lokr_t2" in t:
-            b, rest = t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1] * math.prod(t["lokr_t2"].shape[2:])
-        else:
-            b, rest = t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1]
-        out, flat = w1[0] * b, w1[1] * rest
-    elif fam == "full":
-        return tuple(t["diff"].shape)
-    else:
-        raise MappingError(f"{module.target.name}: unknown adapter family {fam!r}")
-    if kernel and flat % k == 0:
-        return (out, flat // k, *kernel)
-    return (out, flat)
-
-
-def _khatri_rao_rows(a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
-    """Row-wise Kronecker product: ``K[i, p·r2 + q] = a1[i, p] · a2[i, q]``."""
-    return (a1.unsqueeze(2) * a2.unsqueeze(1)).reshape(a1.shape[0], -1)
-
-
-def _kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Kronecker product of two matrices: ``K[i·p + j, k·q + l] = a[i, k] · b[j, l]`` (b is p×q)."""
-    return (a[:, None, :, None] * b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
-
-
-def _svd_of(module: AdapterModule, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact thin SVD ``U S Vh`` of the module's *unscaled* ΔW flattened to (out, in·kh·kw).
-
-    LoHa: ``(A1 B1) ⊙ (A2 B2) = K L`` with ``K = A1 ⊙ᵣ A2`` (out, r1·r2, row-wise Kronecker) and
-    ``L[p·r2+q] = B1[p] ⊙ B2[q]`` (r1·r2, in), so rank ≤ r1·r2 and the SVD comes from the factors.
-    LoKr: ``kron(W1, W2) = kron(U1, U2) kron(S1, S2) kron(V1, V2)ᵀ``, rank = rank(W1)·rank(W2).
-    Anything else (Tucker cores, full diffs, DoRA-free LoRA with too high a rank) is SVD'd densely.
-    """
-    t = {k: v.float() for k, v in module.tensors.items() if k not in ("alpha", "dora_scale")}
-    out = shape[0]
-    fam = module.family
-    if fam == "loha" and "hada_t1" not in t:
-        k = _khatri_rao_rows(t["hada_w1_a"], t["hada_w2_a"])
-        b1, b2 = t["hada_w1_b"], t["hada_w2_b"]
-        left = (b1.unsqueeze(1) * b2.unsqueeze(0)).reshape(-1, b1.shape[1])
-        return factored_svd(k, left)
-    if fam == "lora" and "mid" not in t:
-        return factored_svd(t["up"].reshape(out, -1), t["down"].reshape(t["down"].shape[0], -1))
-    if fam == "lokr" and "lokr_t2" not in t:
-        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
-        w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
-        w2 = w2.reshape(w2.shape[0], -1)
-        u1, s1, vh1 = torch.linalg.svd(w1, full_matrices=False)
-        u2, s2, vh2 = torch.linalg.svd(w2, full_matrices=False)
-        s = (s1[:, None] * s2[None, :]).reshape(-1)
-        order = torch.argsort(s, descending=True)
-        return _kron(u1, u2)[:, order], s[order], _kron(vh1, vh2)[order]
-    from ..adapters import delta
-
-    dense = delta(AdapterModule(module.target, fam, {k: v for k, v in module.tensors.items() if k != "alpha"}), shape)
-    return torch.linalg.svd(dense.reshape(out, -1), full_matrices=False)
-
-
-def to_lora_factors(
-    module: AdapterModule,
-    max_rank: int | None = None,
-    rel_tol: float = DEFAULT_REL_TOL,
-    shape: tuple[int, ...] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Plain LoRA factors (down, up, alpha) for any adapter module, with the relative error made.
-
-    * LoRA without ``mid``, rank ≤ ``max_rank``: the module's own factors and alpha (error 0).
-    * LoCon with ``mid`` (Tucker): ``down'[a,i,:,:] = Σ_b mid[a,b,:,:]·down[b,i]`` (exact, rank kept).
-    * LoHa, LoKr, full diffs, or any LoRA above ``max_rank``: exact SVD ``ΔW = U S Vh`` (from the
-      factors, see :func:`_svd_of`), truncated at the smallest rank k whose dropped tail satisfies
-      ``‖ΔW − ΔW_k‖_F / ‖ΔW‖_F = sqrt(Σ_{j>k} s_j²) / sqrt(Σ s_j²) ≤ rel_tol`` (and k ≤ ``max_rank``).
-      ``up = U_k·sqrt(S_k)``, ``down = sqrt(S_k)·Vh_k``, ``alpha = k`` (scale 1), so
-      ``up @ down = (alpha_in/r_in)·ΔW_k`` — the input's scale is folded into the factors.
-
-    Args:
-        module: an adapter module (``dora_scale`` is ignored here: ΔW is preserved, so the caller
-            may carry the DoRA magnitude over unchanged).
-        max_rank: cap on the output rank (None: only the tolerance decides).
-        rel_tol: relative Frobenius tolerance for dropping singular values.
-        shape: ΔW shape; defaults to :func:`module_shape`.
-
-    Returns:
-        ``(down, up, alpha, rel_error)`` in float32 — down ``(k, in)`` / up ``(out, k)`` for 2-D ΔW,
-        down ``(k, in, kh, kw)`` / up ``(out, k, 1, 1)`` for conv ΔW; ``rel_error`` is the relative
-        Frobenius error of the returned factors against the module's scaled ΔW.
-
-    Example:
-        >>> from loratool.arch import ModuleTarget
-        >>> tgt = ModuleTarget("m", "linear", "w", None, (8, 6), "unet/w.weight")
-        >>> g = torch.Generator().manual_seed(0)
-        >>> t = {k: torch.randn(*s, generator=g) for k, s in
-        ...      {"hada_w1_a": (8, 2), "hada_w1_b": (2, 6), "hada_w2_a": (8, 2), "hada_w2_b": (2, 6)}.items()}
-        >>> down, up, alpha, err = to_lora_factors(AdapterModule(tgt, "loha", t))
-        >>> down.shape[0] <= 4 and err < 1e-4
-        True
-    """
-    shape = tuple(shape or module_shape(module))
-    t = {k: v.float() for k, v in module.tensors.items()}
-    fam = module.family
-    if fam == "lora":
-        r = t["down"].shape[0]
-        alpha = module.alpha if module.alpha is not None else float(r)
-        if max_rank is None or r <= max_rank:
-            down = t["down"]
-            if "mid" in t:
-                mid = t["mid"]
-                down = torch.einsum("ab...,bi->ai...", mid, down.reshape(r, -1))
-            return _shaped(down, t["up"], shape) + (alpha, 0.0)
-    u, s, vh = _svd_of(module, shape)
-    scale = scale_of(fam, t)
-    s = s * abs(scale)
-    total = float((s.double() ** 2).sum())
-    if total == 0.0:
-        k = 1
-        err = 0.0
-    else:
-        tail = torch.flip(torch.cumsum(torch.flip(s.double() ** 2, [0]), 0), [0])  # tail[j] = Σ_{i≥j} s_i²
-        tail = torch.cat([tail[1:], tail.new_zeros(1)])  # energy dropped when keeping j+1 values
-        ok = (tail / total) <= rel_tol**2
-        k = int(torch.nonzero(ok)[0]) + 1 if bool(ok.any()) else s.numel()
-        if max_rank is not None:
-            k = max(1, min(k, max_rank))
-        err = math.sqrt(max(0.0, float(tail[k - 1]) / total))
-    root = s[:k].sqrt()
-    up = u[:, :k] * root * (1.0 if scale >= 0 else -1.0)
-    down = root[:, None] * vh[:k]
-    return _shaped(down, up, shape) + (float(k), err)
-
-
-def _shaped(down: torch.Tensor, up: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    k = down.shape[0]
-    if len(shape) == 4:
-        return down.reshape(k, *shape[1:]), up.reshape(shape[0], k, 1, 1)
-    return down.reshape(k, -1), up.reshape(shape[0], k)
 
 
 # ----------------------------------------------------------------------------- prune rules
@@ -622,27 +452,18 @@ def _convert_adapter(
     )
 
 
-# Roles each family's conversion consumes; a module with any other role, or without its required ones, is refused
-# (a key is never dropped silently).
-_REQUIRED = {
-    "lora": ({"down", "up"},),
-    "loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},),
-    "lokr": ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"}),
-    "full": ({"diff"},),
-}
-
-
 def _check_roles(path: str, modules: Mapping[str, AdapterModule]) -> None:
+    """Every role of every module is one its family converts, and the required ones are there
+    (a key is never dropped silently)."""
     problems = []
     for name, m in modules.items():
         roles = set(m.tensors)
         extra = roles - (FAMILIES[m.family].roles if m.family in FAMILIES else set())
         if extra:
             problems.extend(m.keys.get(r, f"{name}.{r}") for r in sorted(extra))
-        if not any(req <= roles for req in _REQUIRED.get(m.family, ({"?"},))):
-            problems.append(f"{name} (incomplete {m.family}: has {', '.join(sorted(roles))})")
-        if m.family == "lokr" and not ({"lokr_w2"} <= roles or {"lokr_w2_a", "lokr_w2_b"} <= roles):
-            problems.append(f"{name} (incomplete lokr: no lokr_w2)")
+        missing = missing_roles(m.family, roles)
+        if missing:
+            problems.append(f"{name} (incomplete {m.family}: {missing})")
     if problems:
         raise MappingError(
             f"{path}: {len(problems)} keys do not fit their module's family: {listing(problems, 4)}",
@@ -761,8 +582,5 @@ __all__ = [
     "alpha_in_dtype",
     "classify",
     "convert",
-    "lora_delta",
-    "module_shape",
     "prune_reason",
-    "to_lora_factors",
 ]

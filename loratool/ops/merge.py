@@ -445,7 +445,7 @@ def _factors(module: AdapterModule, path: str) -> tuple[torch.Tensor, torch.Tens
     """(up (out, r), down (r, in·kh·kw), down's trailing shape, scale, converted) in float32.
 
     Plain LoRA modules give their own factors and ``alpha/rank``. LoHa, LoKr and LoCon-Tucker modules go
-    through :func:`loratool.ops.convert.to_lora_factors` (Tucker: exact; LoHa/LoKr: SVD of their ΔW to
+    through :func:`loratool.adapters.to_lora_factors` (Tucker: exact; LoHa/LoKr: SVD of their ΔW to
     relative error ≤ 1e-6), whose factors carry the module's scale (alpha = rank).
     """
     if module.is_dora:
@@ -462,7 +462,7 @@ def _factors(module: AdapterModule, path: str) -> tuple[torch.Tensor, torch.Tens
             f"{path}: module {module.target.name} is a {module.family} module; LoRA+LoRA merges cannot take it",
             hint="merge it into a checkpoint instead",
         )
-    from .convert import to_lora_factors
+    from ..adapters import to_lora_factors
 
     down, up, alpha, _ = to_lora_factors(module, rel_tol=CONVERT_REL_TOL)
     return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), tuple(down.shape[1:]), alpha / down.shape[0], True

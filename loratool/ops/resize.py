@@ -72,13 +72,13 @@ class _Flat:
 def lora_factors(module: AdapterModule) -> AdapterModule:
     """The module as plain LoRA factors.
 
-    LoHa / LoKr / full-diff modules go through :func:`loratool.ops.convert.to_lora_factors` (an exact
+    LoHa / LoKr / full-diff modules go through :func:`loratool.adapters.to_lora_factors` (an exact
     SVD from their factors, kept to 1e-6 relative Frobenius error); DoRA modules are refused, since
     their ΔW depends on the base weight.
     """
     if module.family == "lora" and not module.is_dora:
         return module
-    from .convert import to_lora_factors
+    from ..adapters import to_lora_factors
 
     if module.is_dora:
         raise DetectionError(

@@ -1,30 +1,29 @@
-"""Adapter families: which keys a module has, and the one formula for its ΔW.
+"""Adapter files ↔ modules: the only code that reads or writes adapter key names.
 
-Roles are the internal vocabulary for a module's tensors:
+Reading: every key of a file is split into (module, role, naming) by the suffix tables below and
+resolved to a :class:`~loratool.arch.ModuleTarget` of an architecture (:func:`index_adapter`); the
+file's shape config is read off its factors (:func:`sized_index`); :func:`best_arch` picks the
+architecture; :func:`load_adapter` returns every module with its tensors.
 
-    lora   down (r,in[,kh,kw]), up (out,r[,1,1]), mid (r,r,kh,kw; LoCon Tucker), alpha, dora_scale
-    loha   hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, hada_t1, hada_t2, alpha, dora_scale
-    lokr   lokr_w1 | lokr_w1_a+lokr_w1_b, lokr_w2 | lokr_w2_a+lokr_w2_b, lokr_t2, alpha, dora_scale
-    full   diff (the whole ΔW), diff_b (bias ΔW)
-
-:func:`delta` is the only place the scale convention ``alpha / rank`` is written.
+Writing: :func:`native_keys` and :func:`module_tensors` give a module's keys in kohya, PEFT or
+diffusers naming; :func:`save_adapter` writes a file (hashes in the metadata).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
-from .arch import ARCHES, ModuleTarget, shape_rules
-from .arch.dims import Solution
-from .arch.sd_naming import module_index
-from .errors import DetectionError, MappingError, listing
+from ..arch import ARCHES, ModuleTarget, shape_rules
+from ..arch.dims import Solution
+from ..arch.sd_naming import module_index
+from ..errors import DetectionError, MappingError, listing
+from .families import AdapterModule, _prod, factor_problem, family_of
 
-# Native key suffix → role, per naming. Longest suffix wins when several match.
 KOHYA_SUFFIXES: dict[str, str] = {
     "lora_down.weight": "down",
     "lora_up.weight": "up",
@@ -62,69 +61,6 @@ DIFFUSERS_SUFFIXES: dict[str, str] = {
     "alpha": "alpha",
 }
 SUFFIXES_BY_NAMING = {"kohya": KOHYA_SUFFIXES, "peft": PEFT_SUFFIXES, "diffusers": DIFFUSERS_SUFFIXES}
-
-
-@dataclass(frozen=True)
-class Family:
-    """An adapter family: its display label and every role a module of it may hold."""
-
-    name: str
-    label: str
-    roles: frozenset[str]
-
-
-FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in (
-        Family("lora", "LoRA", frozenset({"down", "up", "mid", "alpha", "dora_scale"})),
-        Family(
-            "loha",
-            "LoHa",
-            frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"}),
-        ),
-        Family(
-            "lokr",
-            "LoKr",
-            frozenset(
-                {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha", "dora_scale"}
-            ),
-        ),
-        Family("full", "full diff", frozenset({"diff", "diff_b"})),
-    )
-}
-
-
-def family_of(roles: Iterable[str]) -> str:
-    """Decide the family of one module from the roles present."""
-    roles = set(roles)
-    if roles & {"down", "up"}:
-        return "lora"
-    if any(r.startswith("hada_") for r in roles):
-        return "loha"
-    if any(r.startswith("lokr_") for r in roles):
-        return "lokr"
-    if roles & {"diff", "diff_b"}:
-        return "full"
-    raise DetectionError(f"cannot tell the adapter family from roles {sorted(roles)}")
-
-
-@dataclass
-class AdapterModule:
-    """One adapter module: its target, family, tensors by role, and native keys by role."""
-
-    target: ModuleTarget
-    family: str
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    keys: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def alpha(self) -> float | None:
-        a = self.tensors.get("alpha")
-        return None if a is None else float(a.float().reshape(-1)[0])
-
-    @property
-    def is_dora(self) -> bool:
-        return "dora_scale" in self.tensors
 
 
 def split_key(key: str) -> tuple[str, str, str] | None:
@@ -217,49 +153,6 @@ def index_adapter(keys: Iterable[str], arch: str) -> AdapterIndex:
         families[name] = family_of(roles)
     naming = max(namings, key=namings.get) if namings else "kohya"
     return AdapterIndex(arch, naming, modules, targets, families, sorted(unmapped))
-
-
-def _prod(shape: Iterable[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-_REQUIRED = {
-    "lora": (("down", "up"),),
-    "loha": (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),),
-    "lokr": (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),
-    "full": (("diff", "diff_b"),),
-}
-
-
-def factor_problem(family: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """What is wrong with a module's factors on their own (missing role, zero rank, ranks that disagree), or None."""
-    for group in _REQUIRED.get(family, ()):
-        if family in ("lora", "loha"):
-            missing = [r for r in group if r not in shapes]
-            if missing:
-                return f"has no {', '.join(missing)}"
-        elif not any(r in shapes for r in group):
-            return f"has none of {' / '.join(group)}"
-    pairs = {
-        "lora": (("up", 1, "down", 0),),
-        "loha": (("hada_w1_a", -1, "hada_w1_b", 0), ("hada_w2_a", -1, "hada_w2_b", 0)),
-        "lokr": (("lokr_w1_a", 1, "lokr_w1_b", 0), ("lokr_w2_a", 1, "lokr_w2_b", 0)),
-    }.get(family, ())
-    if family == "loha" and "hada_t1" in shapes:
-        pairs = ()  # Tucker LoHa stores both factors as (r, dim)
-    if family == "lokr" and "lokr_t2" in shapes:
-        pairs = pairs[:1]  # Tucker w2 factors are (r, b) and (r, d)
-    for a, ai, b, bi in pairs:
-        if a in shapes and b in shapes:
-            ra, rb = shapes[a][ai] if shapes[a] else 0, shapes[b][bi] if shapes[b] else 0
-            if ra != rb:
-                return f"{a} has rank {ra} but {b} has rank {rb}"
-            if ra == 0:
-                return "has rank 0"
-    return None
 
 
 def shapes_fit(family: str, shapes: Mapping[str, tuple[int, ...]], target: ModuleTarget) -> bool:
@@ -430,183 +323,6 @@ def best_arch(
             hint="name the base model with --arch sd1|sd2|sdxl",
         )
     return scored[0][1], scored[0][2], [(a, round(sc, 4)) for sc, a, _ in scored]
-
-
-# ----------------------------------------------------------------------------- math
-
-
-def rank_of(family: str, t: Mapping[str, torch.Tensor]) -> int | None:
-    """The rank that ``alpha`` is divided by; None when the module has no low-rank factor (scale 1)."""
-    if family == "lora":
-        return int(t["down"].shape[0])
-    if family == "loha":
-        return int(t["hada_w1_b"].shape[0])
-    if family == "lokr":
-        if "lokr_w2_b" in t:
-            return int(t["lokr_w2_b"].shape[0])
-        if "lokr_w1_b" in t:
-            return int(t["lokr_w1_b"].shape[0])
-        return None
-    return None
-
-
-def scale_of(family: str, t: Mapping[str, torch.Tensor]) -> float:
-    """``alpha / rank``; alpha missing ⇒ alpha = rank (scale 1); no low-rank factor ⇒ 1."""
-    rank = rank_of(family, t)
-    if rank is None or "alpha" not in t:
-        return 1.0
-    return float(t["alpha"].float().reshape(-1)[0]) / rank
-
-
-def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Rebuild ``W[p, r, ...] = Σ_ij core[i, j, ...] · a[i, p] · b[j, r]`` (LyCORIS Tucker form)."""
-    import torch
-    return torch.einsum("ij...,ip,jr->pr...", core, a, b)
-
-
-def lora_delta(down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
-    """Unscaled ΔW = up @ down for a LoRA / LoCon module.
-
-    Linear: down (r,in), up (out,r) → (out,in). Conv: down (r,in,kh,kw), up (out,r,1,1) →
-    ``ΔW[o,i,:,:] = Σ_r up[o,r]·down[r,i,:,:]``. Tucker (``mid`` (r,r,kh,kw), down (r,in,1,1),
-    up (out,r,1,1)): ``ΔW[o,i,:,:] = Σ_ab up[o,a]·mid[a,b,:,:]·down[b,i]``.
-    """
-    import torch
-    if mid is not None:
-        u = up.reshape(up.shape[0], -1)
-        d = down.reshape(down.shape[0], -1)
-        return torch.einsum("ab...,oa,bi->oi...", mid, u, d)
-    u = up.reshape(up.shape[0], -1)
-    if down.dim() == 2:
-        return u @ down
-    return (u @ down.reshape(down.shape[0], -1)).reshape(u.shape[0], *down.shape[1:])
-
-
-def loha_delta(t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    """Unscaled LoHa ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b), reshaped to the weight shape.
-
-    With Tucker cores (hada_t1/hada_t2, r,r,kh,kw), each product is rebuilt as
-    ``Σ_ij t[i,j,...]·a[i,out]·b[j,in]`` (a, b stored as r,out and r,in).
-    """
-    if "hada_t1" in t:
-        w1 = _tucker(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"])
-        w2 = _tucker(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
-        return (w1 * w2).reshape(shape)
-    w1 = t["hada_w1_a"] @ t["hada_w1_b"]
-    w2 = t["hada_w2_a"] @ t["hada_w2_b"]
-    return (w1 * w2).reshape(shape)
-
-
-def lokr_delta(t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    """Unscaled LoKr ΔW = kron(w1, w2), w1 (a,c), w2 (b,d[,kh,kw]); out = a·b, in = c·d.
-
-    w1 = lokr_w1 or lokr_w1_a @ lokr_w1_b; w2 = lokr_w2, lokr_w2_a @ lokr_w2_b (reshaped to
-    (b, d, kh, kw) for convs), or with ``lokr_t2`` the Tucker rebuild.
-    """
-    import torch
-    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
-    if "lokr_w2" in t:
-        w2 = t["lokr_w2"]
-    elif "lokr_t2" in t:
-        w2 = _tucker(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
-    else:
-        w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
-    a, c = w1.shape[0], w1.shape[1]
-    b = shape[0] // a
-    rest = shape[1:]
-    d_total = 1
-    for x in rest:
-        d_total *= x
-    w2 = w2.reshape(b, d_total // c)
-    if len(shape) > 2:
-        w2 = w2.reshape(b, shape[1] // c, *shape[2:])
-        w1 = w1.reshape(a, c, *([1] * (len(shape) - 2)))
-    return torch.kron(w1, w2).reshape(shape)
-
-
-def delta(module: AdapterModule, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Scaled ΔW of one module in float32: ``(alpha / rank) · ΔW_family``, shaped like the target.
-
-    DoRA modules (``dora_scale``) need the base weight: use :func:`apply_to_weight`.
-
-    Args:
-        module: the module's tensors by role.
-        shape: the target weight's shape (defaults to the target's ``target_shape``).
-    """
-    t = {k: v.float() for k, v in module.tensors.items()}
-    shape = tuple(shape or module.target.target_shape)
-    scale = scale_of(module.family, t)
-    if module.family == "lora":
-        # the scale is folded into the small up factor instead of the large product
-        d = lora_delta(t["down"], t["up"] * scale, t.get("mid"))
-        scale = 1.0
-    elif module.family == "loha":
-        d = loha_delta(t, shape)
-    elif module.family == "lokr":
-        d = lokr_delta(t, shape)
-    elif module.family == "full":
-        d = t["diff"].clone()  # never hand out the module's own tensor
-    else:
-        raise DetectionError(f"{module.target.name}: unknown family {module.family}")
-    if d.numel() != _numel(shape):
-        raise MappingError(
-            f"{module.target.name}: ΔW has shape {tuple(d.shape)}, target weight is {shape}",
-            hint="the adapter was made for a different model",
-        )
-    d = d.reshape(shape)
-    return d if scale == 1.0 else d * scale
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def apply_to_weight(
-    weight: torch.Tensor,
-    module: AdapterModule,
-    ratio: float,
-    delta_fn: Callable[[AdapterModule, tuple[int, ...]], torch.Tensor] = delta,
-) -> torch.Tensor:
-    """Return ``weight`` (float32, the module's target slice) with the module applied at ``ratio``.
-
-    Plain families: ``W + ratio·(alpha/rank)·ΔW``.
-
-    DoRA (``dora_scale`` m): ``W' = m · V / ‖V‖`` with ``V = W + (alpha/rank)·ΔW`` (the norm of the
-    *merged* weight, as LyCORIS and PEFT compute it). The norm axis is read from m's shape:
-
-    * (out, 1[, 1, 1]) or (out,): one norm per output row over every other axis — LyCORIS
-      ``wd_on_out=True`` (its default since 2024) and PEFT's ``lora_magnitude_vector`` (out,);
-    * (1, in[, 1, 1]): one norm per input channel over the output and kernel axes — older LyCORIS
-      (``wd_on_out=False``).
-
-    ``ratio`` blends the decomposed weight in: ``W + ratio·(W' − W)`` (ComfyUI's strength rule;
-    ratio 1 gives W' exactly).
-    """
-    import torch
-    w = weight.float()
-    t = module.tensors
-    if module.family == "lora" and "mid" not in t and not module.is_dora and delta_fn is delta:
-        # same formula in one fused BLAS call, without a temporary ΔW: W + (ratio·scale·up) @ down
-        up = t["up"].float().reshape(t["up"].shape[0], -1) * (ratio * scale_of("lora", t))
-        down = t["down"].float().reshape(t["down"].shape[0], -1)
-        if up.shape[0] * down.shape[1] == w.numel():
-            return torch.addmm(w.reshape(up.shape[0], -1), up, down).reshape(w.shape)
-    d = delta_fn(module, tuple(w.shape))
-    if not module.is_dora:
-        return torch.add(w, d, alpha=ratio)
-    m = module.tensors["dora_scale"].float()
-    merged = w + d
-    if m.shape[0] == merged.shape[0] and (m.dim() < 2 or m.shape[1] == 1):
-        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (merged.dim() - 1)))
-    else:
-        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
-        norm = norm.reshape(1, -1, *([1] * (merged.dim() - 2)))
-    m = m.reshape(norm.shape)
-    dora = merged * (m / (norm + torch.finfo(torch.float32).eps))
-    return w + ratio * (dora - w)
 
 
 @dataclass
