@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import dtypes
 from .adapters import AdapterIndex, AdapterModule, delta_norm_sq, rank_of, sized_index
+from .adapters.families import is_dora, is_tucker
 from .arch import ARCH_LABELS, checkpoint_layout, kohya_modules, standard_config
 from .detect import FileDetection, detect_file
 from .detect import component_of_key as _component_and_rest
@@ -272,8 +273,8 @@ def _module_infos(source: TensorSource, specs: Mapping[str, TensorSpec], index: 
                 layer=target.kind,
                 rank=rank,
                 alpha=alpha,
-                dora="dora_scale" in roles,
-                tucker=bool({"mid", "hada_t1", "lokr_t2"} & set(roles)),
+                dora=is_dora(roles),
+                tucker=is_tucker(roles),
                 address=target.address,
                 rows=target.rows,
             )

@@ -99,7 +99,22 @@ class AdapterModule:
 
     @property
     def is_dora(self) -> bool:
-        return "dora_scale" in self.tensors
+        return is_dora(self.tensors)
+
+    @property
+    def dora_scale(self) -> torch.Tensor | None:
+        """The DoRA magnitude, or None."""
+        return self.tensors.get("dora_scale")
+
+
+def is_dora(roles: Iterable[str]) -> bool:
+    """Does a module with these roles carry a DoRA magnitude?"""
+    return "dora_scale" in set(roles)
+
+
+def is_tucker(roles: Iterable[str]) -> bool:
+    """Does a module with these roles store a Tucker core (LoCon ``mid``, LoHa ``hada_t1``, LoKr ``lokr_t2``)?"""
+    return bool({"mid", "hada_t1", "lokr_t2"} & set(roles))
 
 
 def _prod(shape: Iterable[int]) -> int:

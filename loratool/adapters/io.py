@@ -11,17 +11,19 @@ diffusers naming; :func:`save_adapter` writes a file (hashes in the metadata).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    pass
+    import torch
 
 from ..arch import ARCHES, ModuleTarget, shape_rules
 from ..arch.dims import Solution
 from ..arch.sd_naming import module_index
-from ..errors import DetectionError, MappingError, listing
+from ..errors import DetectionError, InternalError, MappingError, listing
 from .families import AdapterModule, _prod, factor_problem, family_of
 
 KOHYA_SUFFIXES: dict[str, str] = {
@@ -389,3 +391,79 @@ def load_adapter(source, arch: str | None = None, allow_unmapped: bool = False) 
             hint="the adapter is for another architecture; check --arch",
         )
     return LoadedAdapter(arch, index.naming, modules, index.unmapped, scores, dict(source.metadata), str(source.path))
+
+
+# ----------------------------------------------------------------------------- writing
+
+Naming = Literal["kohya", "peft", "diffusers"]
+
+
+@dataclass(frozen=True)
+class NativeKeys:
+    """A LoRA module's keys in one naming (``alpha``/``dora_scale`` None where the naming has none)."""
+
+    down: str
+    up: str
+    alpha: str | None
+    dora_scale: str | None
+
+
+def native_keys(target: ModuleTarget, naming: Naming) -> NativeKeys:
+    """The keys of a LoRA module on ``target`` in ``naming``, generated from the target's names.
+
+    kohya: ``NAME.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` / ``.dora_scale``; PEFT:
+    ``module.lora_A.weight`` / ``.lora_B.weight`` (alpha folded, see :mod:`loratool.ops.convert`);
+    diffusers: ``module.lora.down.weight`` (UNet) or ``module.lora_linear_layer.down.weight`` (text encoders).
+    """
+    if naming == "kohya":
+        n = target.name
+        return NativeKeys(f"{n}.lora_down.weight", f"{n}.lora_up.weight", f"{n}.alpha", f"{n}.dora_scale")
+    m = target.peft_module
+    if naming == "peft":
+        return NativeKeys(f"{m}.lora_A.weight", f"{m}.lora_B.weight", None, None)
+    mid = "lora" if target.component == "unet" else "lora_linear_layer"
+    return NativeKeys(f"{m}.{mid}.down.weight", f"{m}.{mid}.up.weight", None, None)
+
+
+def module_tensors(
+    target: ModuleTarget,
+    naming: Naming,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    alpha: torch.Tensor | None = None,
+    dora_scale: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """One LoRA module as ``{native key: tensor}`` (the only place adapter keys are put together).
+
+    Raises:
+        InternalError: an alpha or DoRA magnitude for a naming that has no key for it.
+    """
+    keys = native_keys(target, naming)
+    out = {keys.down: down, keys.up: up}
+    for key, value, what in ((keys.alpha, alpha, "alpha"), (keys.dora_scale, dora_scale, "dora_scale")):
+        if value is None:
+            continue
+        if key is None:
+            raise InternalError(f"{naming} naming has no {what} key ({target.name})")
+        out[key] = value
+    return out
+
+
+def is_alpha_key(key: str) -> bool:
+    """Is ``key`` a module's alpha (in any naming)?"""
+    parsed = split_key(key)
+    return parsed is not None and parsed[1] == "alpha"
+
+
+def save_adapter(
+    out: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    inputs: Iterable[str | os.PathLike] = (),
+    force: bool = False,
+) -> Path:
+    """Write an adapter file (container from ``out``'s suffix) with kohya's ``sshs_*`` hashes in its metadata."""
+    from ..io.output import save_tensors
+    from ..metadata import with_hashes
+
+    return save_tensors(out, tensors, with_hashes(tensors, metadata), inputs=inputs, force=force)

@@ -23,6 +23,7 @@ import torch
 from .. import dtypes
 from ..adapters import DEFAULT_REL_TOL, FAMILIES, AdapterModule, rank_of, to_lora_factors
 from ..adapters.families import missing_roles
+from ..adapters.io import is_alpha_key, module_tensors
 from ..arch.sd_checkpoint import SCHEDULE_BUFFERS
 from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..io import stream
@@ -203,7 +204,7 @@ def _copy(
         if dtype and dt in dtypes.FLOAT_NAMES and dt != dtype:
             if k in KEEP_DTYPE_KEYS:
                 kept_dtype.append(k)
-            elif kind == "adapter" and k.endswith(".alpha") and spec.numel == 1:
+            elif kind == "adapter" and is_alpha_key(k) and spec.numel == 1:
                 alphas[k] = alpha_in_dtype(source.get(k), dtype)
                 dt = dtypes.name_of(alphas[k].dtype)
                 if dt != dtype:
@@ -274,16 +275,6 @@ def _rehash_cast(metadata, source, kept, specs, alphas) -> dict[str, str]:
 PEFT_ALPHA_KEY = "loratool.lora_alpha"
 
 
-def _native_keys(target, naming: str) -> tuple[str, str, str | None]:
-    """(down key, up key, alpha key or None) of a LoRA module in ``naming``."""
-    if naming == "kohya":
-        return f"{target.name}.lora_down.weight", f"{target.name}.lora_up.weight", f"{target.name}.alpha"
-    if naming == "peft":
-        return f"{target.peft_module}.lora_A.weight", f"{target.peft_module}.lora_B.weight", None
-    mid = "lora" if target.component == "unet" else "lora_linear_layer"
-    return f"{target.peft_module}.{mid}.down.weight", f"{target.peft_module}.{mid}.up.weight", None
-
-
 def _out_shapes(target, naming: str, down: torch.Tensor, up: torch.Tensor, keep_rank: tuple | None):
     """Reshape factors for the output naming.
 
@@ -344,7 +335,7 @@ def _convert_adapter(
     if dora and naming_out != "kohya":
         raise MappingError(
             f"{source.path}: {len(dora)} DoRA modules: {listing(dora, 4)}; PEFT's magnitude vector is per output row, "
-            "LyCORIS' dora_scale per input column, so they do not convert",
+            "LyCORIS' DoRA scale per input column, so they do not convert",
             hint="convert DoRA files with --to kohya only",
         )
     tensors: dict[str, torch.Tensor] = {}
@@ -364,22 +355,21 @@ def _convert_adapter(
         if naming_in == naming_out and module.family == "lora" and "mid" not in module.tensors and k == rank_in:
             keep_rank = (module.tensors["down"].shape, module.tensors["up"].shape)
         down, up = _out_shapes(target, naming_out, down, up, keep_rank)
-        dk, uk, ak = _native_keys(target, naming_out)
+        out_alpha = None
         if naming_out == "kohya":
             original = recorded.get(target.peft_module)
             if original and naming_in != "kohya" and original != 0 and k == rank_in:
                 up = up * (k / original)  # undo the fold a PEFT export made
                 alpha = original
             out_alpha = _alpha_tensor(module, alpha, dtype or dtypes.name_of(src_dtype))
-            tensors[ak] = out_alpha
         else:
             up = up * (alpha / k)  # fold alpha/rank into lora_B; lora_alpha = rank reproduces ΔW
             alphas_out[target.peft_module] = alpha
         out_dt = dtypes.to_torch(dtype) if dtype else src_dtype
-        tensors[dk] = down.to(out_dt) if not dtype else down
-        tensors[uk] = up.to(out_dt) if not dtype else up
-        if module.is_dora:
-            tensors[f"{target.name}.dora_scale"] = module.tensors["dora_scale"]
+        tensors.update(module_tensors(
+            target, naming_out, down.to(out_dt) if not dtype else down, up.to(out_dt) if not dtype else up,
+            out_alpha, module.dora_scale,
+        ))
         if module.family == "lora" and (max_rank is None or (rank_in or 0) <= max_rank):
             how = "folded mid" if "mid" in module.tensors else "kept"
         else:
@@ -396,7 +386,7 @@ def _convert_adapter(
     specs = {}
     clamped: list[tuple[str, int]] = []
     for key, t in list(tensors.items()):
-        if out_dtype and t.is_floating_point() and not key.endswith(".alpha"):
+        if out_dtype and t.is_floating_point() and not is_alpha_key(key):
             t, n = dtypes.cast(t.float(), out_dtype)
             if n:
                 clamped.append((key, n))

@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 
 from .. import dtypes
+from ..adapters.io import module_tensors, save_adapter
 from ..arch import ARCH_LABELS, ModuleTarget, kohya_modules
 from ..arch.sd_checkpoint import solve_config
 from ..arch.sd_naming import all_modules
 from ..detect import detect_checkpoint
 from ..errors import LoratoolError, MappingError, listing
-from ..io.output import save_tensors
 from ..io.source import open_file
 from ..io.writer import check_output, container_for
-from ..metadata import iso_date, with_hashes
+from ..metadata import iso_date
 from ..runtime import SMALL_FACTORIZATION, resolve_device, threads, threads_for
 from .lowrank import (
     FIXED,
@@ -206,9 +206,9 @@ def extract_lora(
         if p.kernel:
             up = up.reshape(up.shape[0], k, 1, 1)
             down = down.reshape(k, -1, *p.kernel)
-        tensors[f"{name}.lora_up.weight"] = up.contiguous().to(want)
-        tensors[f"{name}.lora_down.weight"] = down.contiguous().to(want)
-        tensors[f"{name}.alpha"] = dtypes.exact_scalar(float(k), dtype)
+        tensors.update(module_tensors(
+            p.target, "kohya", down.contiguous().to(want), up.contiguous().to(want), dtypes.exact_scalar(float(k), dtype)
+        ))
         stats.append(RankStats(name, p.kind, None, k, retention(p.s, k, p.total_sq), float(p.s[0]), float(p.s[k - 1])))
     if not tensors:
         raise LoratoolError(
@@ -218,7 +218,7 @@ def extract_lora(
     te = [t.name for t in targets if t.component != "unet"]
     te_unchanged = bool(te) and set(te) <= set(skipped)
     meta = _metadata(arch, stats, rank, conv_rank, rule, exact, tuned, base)
-    written = save_tensors(out, tensors, with_hashes(tensors, meta), inputs=[tuned, base], force=force)
+    written = save_adapter(out, tensors, meta, inputs=[tuned, base], force=force)
     return ExtractResult(written, arch, rule.text, exact, tuple(stats), tuple(skipped), conv_left, te_unchanged)
 
 

@@ -26,16 +26,17 @@ import torch
 
 from .. import dtypes
 from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, rank_of, scale_of
+from ..adapters.io import module_tensors, save_adapter
 from ..arch import ARCH_LABELS
 from ..blockweights import BlockWeights
 from ..detect import detect_checkpoint, is_adapter
 from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..io import stream
 from ..io.folder import FolderOutput
-from ..io.output import open_writer, save_tensors
+from ..io.output import open_writer
 from ..io.source import MODEL_SUFFIXES, TensorSpec
 from ..io.writer import SafetensorsWriter, check_output, container_for
-from ..metadata import parse_json_field, with_hashes
+from ..metadata import parse_json_field
 from ..runtime import resolve_device, threads, threads_for
 from .lowrank import factored_svd
 
@@ -525,10 +526,12 @@ def merge_adapters(
     results: list[ModuleResult] = []
     for step, name in enumerate(names, 1):
         ups, downs, tail, parts, converted = [], [], None, [], False
+        target = None
         for ad, ratio in adapters:
             m = ad.modules.get(name)
             if m is None:
                 continue
+            target = m.target
             eff = ratio * (unet_ratio if m.target.component == "unet" else te_ratio)
             eff *= block_weights.weight_for(m.target) if block_weights is not None else 1.0
             if eff == 0:
@@ -559,9 +562,11 @@ def merge_adapters(
             err = _dense_error(up, down, parts, tail)
         r = down.shape[0]
         conv = len(tail) > 1
-        tensors[f"{name}.lora_down.weight"] = down.reshape(r, *tail).to("cpu", out_dtype).contiguous()
-        tensors[f"{name}.lora_up.weight"] = (up.reshape(up.shape[0], r, 1, 1) if conv else up).to("cpu", out_dtype).contiguous()
-        tensors[f"{name}.alpha"] = dtypes.exact_scalar(float(r), dtypes.name_of(out_dtype))
+        tensors.update(module_tensors(
+            target, "kohya", down.reshape(r, *tail).to("cpu", out_dtype).contiguous(),
+            (up.reshape(up.shape[0], r, 1, 1) if conv else up).to("cpu", out_dtype).contiguous(),
+            dtypes.exact_scalar(float(r), dtypes.name_of(out_dtype)),
+        ))
         results.append(ModuleResult(name, r, err, len(tail) == 3 and tuple(tail[1:]) != (1, 1)))
         if on_progress:
             on_progress(step, len(names), name)
@@ -569,8 +574,7 @@ def merge_adapters(
         raise LoratoolError("every module ends up at ratio 0; nothing to write", hint="check the ratios and --lbw")
     extra = {"te_ratio": te_ratio, "unet_ratio": unet_ratio, "lbw": block_weights.as_dict() if block_weights else None}
     metadata = _adapter_metadata(adapters, mode, results, extra)
-    metadata = with_hashes(tensors, metadata)
-    path = save_tensors(out, tensors, metadata, inputs=[ad.path for ad, _ in adapters], force=force)
+    path = save_adapter(out, tensors, metadata, inputs=[ad.path for ad, _ in adapters], force=force)
     return AdapterMergeReport(
         str(path), arch, mode, tuple((ad.path, r) for ad, r in adapters), tuple(results), round(time.perf_counter() - start, 3)
     )

@@ -19,11 +19,10 @@ import torch
 
 from .. import dtypes
 from ..adapters import AdapterModule, load_adapter, scale_of
+from ..adapters.io import module_tensors, save_adapter
 from ..errors import DetectionError, LoratoolError
-from ..io.output import save_tensors
 from ..io.source import open_file
 from ..io.writer import check_output, container_for
-from ..metadata import with_hashes
 from ..runtime import resolve_device, threads, threads_for
 from .lowrank import (
     FIXED,
@@ -190,15 +189,16 @@ def resize_lora(
         if f.conv_kind:
             up = up.reshape(up.shape[0], k, 1, 1)
             down = down.reshape(k, -1, *f.kernel)
-        tensors[f"{name}.lora_up.weight"] = up.contiguous().to(want)
-        tensors[f"{name}.lora_down.weight"] = down.contiguous().to(want)
-        tensors[f"{name}.alpha"] = dtypes.exact_scalar(f.scale * k, out_dtype)
+        tensors.update(module_tensors(
+            loaded.modules[name].target, "kohya", down.contiguous().to(want), up.contiguous().to(want),
+            dtypes.exact_scalar(f.scale * k, out_dtype),
+        ))
         stats.append(
             RankStats(name, _kind(f), int(f.up.shape[1]), k, retention(s, k), float(s[0]) * f.scale, float(s[k - 1]) * f.scale)
         )
 
     meta = _metadata(loaded.metadata, loaded.arch, stats, flats, rank, conv_rank, rule, path)
-    written = save_tensors(out, tensors, with_hashes(tensors, meta), inputs=[path], force=force)
+    written = save_adapter(out, tensors, meta, inputs=[path], force=force)
     return ResizeResult(written, loaded.arch, loaded.naming, rule.text, tuple(stats))
 
 

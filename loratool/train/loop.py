@@ -27,12 +27,13 @@ from torch import nn
 
 from .. import dtypes
 from ..adapters import lora_delta
+from ..adapters.io import module_tensors, save_adapter
 from ..arch import kohya_modules
 from ..errors import LoratoolError
-from ..io.output import open_writer, save_tensors
+from ..io.output import open_writer
 from ..io.source import open_file
 from ..io.writer import SafetensorsWriter, check_output, container_for
-from ..metadata import now, with_hashes
+from ..metadata import now
 from ..runtime import resolve_device, threads
 from .data import (
     Item,
@@ -128,12 +129,14 @@ def inject_lora(
 
 
 def lora_tensors(modules: dict[str, LoRAModule], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """kohya keys: ``NAME.lora_down.weight``, ``NAME.lora_up.weight``, ``NAME.alpha`` (sorted by key)."""
+    """The trained network in kohya naming (:func:`loratool.adapters.io.module_tensors`), sorted by key."""
     out: dict[str, torch.Tensor] = {}
+    targets = kohya_modules("sd1")
     for name, m in modules.items():
-        out[f"{name}.lora_down.weight"] = m.lora_down.detach().to("cpu", dtype).contiguous()
-        out[f"{name}.lora_up.weight"] = m.lora_up.detach().to("cpu", dtype).contiguous()
-        out[f"{name}.alpha"] = dtypes.exact_scalar(float(m.alpha), dtypes.name_of(dtype))
+        out.update(module_tensors(
+            targets[name], "kohya", m.lora_down.detach().to("cpu", dtype).contiguous(),
+            m.lora_up.detach().to("cpu", dtype).contiguous(), dtypes.exact_scalar(float(m.alpha), dtypes.name_of(dtype)),
+        ))
     return dict(sorted(out.items()))
 
 
@@ -425,8 +428,7 @@ def _train(
         out = write_full_checkpoint(model, opts.base, opts.output, meta, save_dtype, opts.force)
     else:
         tensors = lora_tensors(modules, dtypes.to_torch(dtypes.parse_cli(opts.save_dtype or "fp16")))
-        meta = with_hashes(tensors, meta)
-        out = save_tensors(opts.output, tensors, meta, inputs=[opts.base], force=opts.force)
+        out = save_adapter(opts.output, tensors, meta, inputs=[opts.base], force=opts.force)
     epochs = round(step / max(1, batches_per_epoch), 2)
     return TrainResult(out, step, epochs, batches_per_epoch, losses, eval_before, eval_after, num_images, num_reg, buckets,
                        len(modules), meta)
