@@ -343,6 +343,6 @@ def _detect_adapter(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]
 
 
 def _recorded_arch(metadata: Mapping[str, str]) -> str | None:
-    from .adapters import arch_from_metadata
+    from .metadata.kohya import arch_from_metadata
 
     return arch_from_metadata(metadata)

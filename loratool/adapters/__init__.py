@@ -9,7 +9,6 @@ from .families import FAMILIES, AdapterModule, Family, FamilyName, factor_proble
 from .io import (
     AdapterIndex,
     LoadedAdapter,
-    arch_from_metadata,
     best_arch,
     fit_count,
     index_adapter,
@@ -32,7 +31,7 @@ from .math import (
 
 __all__ = [
     "DEFAULT_REL_TOL", "FAMILIES", "AdapterIndex", "AdapterModule", "Family", "FamilyName", "LoadedAdapter",
-    "apply_to_weight", "arch_from_metadata", "best_arch", "delta", "delta_norm_sq", "factor_problem", "family_of",
+    "apply_to_weight", "best_arch", "delta", "delta_norm_sq", "factor_problem", "family_of",
     "fit_count", "index_adapter", "load_adapter", "loha_delta", "lokr_delta", "lora_delta", "module_shape",
     "rank_of", "scale_of", "shapes_fit", "sized_index", "split_key", "to_lora_factors",
 ]

@@ -24,6 +24,7 @@ from ..arch import ARCHES, ModuleTarget, shape_rules
 from ..arch.dims import Solution
 from ..arch.sd_naming import module_index
 from ..errors import DetectionError, InternalError, MappingError, listing
+from ..metadata.kohya import arch_from_metadata
 from .families import AdapterModule, _prod, factor_problem, family_of
 
 KOHYA_SUFFIXES: dict[str, str] = {
@@ -261,24 +262,6 @@ def fit_count(index: AdapterIndex, specs: Mapping[str, object]) -> int:
         if name in index.proportional and shapes_fit(index.families[name], shapes, index.targets[name]):
             n += 1
     return n
-
-
-def arch_from_metadata(metadata: Mapping[str, str]) -> str | None:
-    """The base architecture a training tool recorded (kohya ``ss_base_model_version`` / ``ss_v2``, modelspec)."""
-    version = (metadata.get("ss_base_model_version") or "").lower()
-    arch_field = (metadata.get("modelspec.architecture") or "").lower()
-    if version.startswith("sdxl") or arch_field.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if version.startswith("sd_v2") or arch_field.startswith("stable-diffusion-v2"):
-        return "sd2"
-    if version.startswith("sd_v1") or arch_field.startswith("stable-diffusion-v1"):
-        return "sd1"
-    v2 = (metadata.get("ss_v2") or "").lower()
-    if v2 == "true":
-        return "sd2"
-    if v2 == "false" and metadata.get("ss_sd_model_name") is not None:
-        return "sd1"
-    return None
 
 
 def best_arch(

@@ -30,6 +30,7 @@ from ..io import stream
 from ..io.output import open_writer
 from ..io.source import TensorSpec
 from ..io.writer import check_output, container_for
+from ..metadata.kohya import network_fields
 
 # ----------------------------------------------------------------------------- dtype casts
 
@@ -398,7 +399,7 @@ def _convert_adapter(
         # the training record described the LyCORIS network; say what the file now holds
         dim = max(m.rank_out for m in results)
         metadata.pop("ss_network_args", None)
-        metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": str(dim), "ss_network_alpha": str(dim)})
+        metadata.update(network_fields(str(dim), str(dim)))
         metadata["loratool.converted_from"] = ",".join(fams)
         notes.append(f"ss_network_module/_dim/_alpha describe the plain LoRA now (max rank {dim}, alpha = rank per module)")
     if naming_out != "kohya":

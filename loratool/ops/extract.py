@@ -25,7 +25,7 @@ from ..detect import detect_checkpoint
 from ..errors import LoratoolError, MappingError, listing
 from ..io.source import open_file
 from ..io.writer import check_output, container_for
-from ..metadata import iso_date
+from ..metadata.kohya import base_model_fields, conv_network_args, dim_text, modelspec_fields, network_fields
 from ..runtime import SMALL_FACTORIZATION, resolve_device, threads, threads_for
 from .lowrank import (
     FIXED,
@@ -38,14 +38,10 @@ from .lowrank import (
     choose_rank,
     clamp_quantile,
     randomized_svd,
-    rank_uniform,
     retention,
     seed_for,
     split_sqrt,
 )
-from .resize import BASE_MODEL_VERSION
-
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
 
 
 @dataclass(frozen=True)
@@ -263,25 +259,16 @@ def _check_pairs(targets, tspecs, tnaming, tuned: Path, bspecs, bnaming, base: P
 def _metadata(arch, stats, rank, conv_rank, rule, exact, tuned: Path, base: Path) -> dict[str, str]:
     lin = [s for s in stats if s.kind != "conv3x3"]
     conv = [s for s in stats if s.kind == "conv3x3"]
+    dim = dim_text(s.rank for s in lin) if lin else str(rank)
     meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": rank_uniform(s.rank for s in lin) if lin else str(rank),
-        "ss_network_alpha": rank_uniform(s.rank for s in lin) if lin else str(rank),
-        "ss_base_model_version": BASE_MODEL_VERSION[arch],
-        "ss_v2": str(arch == "sd2"),
+        **network_fields(dim, dim),
+        **base_model_fields(arch),
         "ss_sd_model_name": base.name,
         "ss_training_comment": f"extracted by loratool from {tuned.name} - {base.name}",
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{MODELSPEC_ARCH[arch]}/lora",
-        "modelspec.implementation": "diffusers" if arch == "sd1" else "https://github.com/Stability-AI/generative-models",
-        "modelspec.title": tuned.stem,
-        "modelspec.date": iso_date(),
-        "modelspec.resolution": "1024x1024" if arch == "sdxl" else "512x512",
+        **modelspec_fields(arch, tuned.stem),
     }
     if conv:
-        meta["ss_network_args"] = json.dumps(
-            {"conv_dim": rank_uniform(s.rank for s in conv), "conv_alpha": rank_uniform(s.rank for s in conv)}
-        )
+        meta["ss_network_args"] = conv_network_args(dim_text(s.rank for s in conv), dim_text(s.rank for s in conv))
     meta["loratool.extract"] = json.dumps(
         {
             "tuned": tuned.name,

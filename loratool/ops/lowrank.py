@@ -318,12 +318,3 @@ def average_retained(stats) -> float:
     """Mean of the per-module Frobenius retention (1.0 for no modules)."""
     stats = list(stats)
     return sum(s.retained for s in stats) / len(stats) if stats else 1.0
-
-
-def rank_uniform(values) -> str:
-    """kohya's metadata convention: the common value as text, or ``Dynamic`` when modules differ."""
-    values = set(values)
-    if len(values) == 1:
-        v = values.pop()
-        return str(int(v)) if float(v) == int(v) else str(v)
-    return "Dynamic"

@@ -37,6 +37,7 @@ from ..io.output import open_writer
 from ..io.source import MODEL_SUFFIXES, TensorSpec
 from ..io.writer import SafetensorsWriter, check_output, container_for
 from ..metadata import parse_json_field
+from ..metadata.kohya import conv_network_args, dim_text, network_fields
 from ..runtime import resolve_device, threads, threads_for
 from .lowrank import factored_svd
 
@@ -618,13 +619,11 @@ def _adapter_metadata(adapters, mode: str, results: list[ModuleResult], extra: d
     conv = {r.rank for r in results if r.conv3x3}
     other = {r.rank for r in results if not r.conv3x3}
     # as kohya writes them: one number when uniform, "Dynamic" when ranks differ per module; alpha = rank everywhere
-    dim = str(next(iter(other))) if len(other) == 1 else "Dynamic"
-    common["ss_network_module"] = "networks.lora"
-    common["ss_network_dim"] = dim
-    common["ss_network_alpha"] = f"{float(dim)}" if dim != "Dynamic" else dim
+    dim = dim_text(other)
+    common.update(network_fields(dim, f"{float(dim)}" if dim != "Dynamic" else dim))
     if conv:
-        cdim = str(next(iter(conv))) if len(conv) == 1 else "Dynamic"
-        common["ss_network_args"] = json.dumps({"conv_dim": cdim, "conv_alpha": cdim})
+        cdim = dim_text(conv)
+        common["ss_network_args"] = conv_network_args(cdim, cdim)
     freq = merge_tag_frequency(metas)
     if freq:
         common["ss_tag_frequency"] = json.dumps(freq, sort_keys=True)

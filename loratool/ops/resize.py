@@ -23,6 +23,7 @@ from ..adapters.io import module_tensors, save_adapter
 from ..errors import DetectionError, LoratoolError
 from ..io.source import open_file
 from ..io.writer import check_output, container_for
+from ..metadata.kohya import NETWORK_MODULE, base_model_fields, conv_network_args, dim_text, network_fields
 from ..runtime import resolve_device, threads, threads_for
 from .lowrank import (
     FIXED,
@@ -33,12 +34,9 @@ from .lowrank import (
     average_retained,
     choose_rank,
     factored_svd,
-    rank_uniform,
     retention,
     split_sqrt,
 )
-
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 @dataclass(frozen=True)
@@ -206,30 +204,25 @@ def _metadata(meta_in, arch, stats, flats, rank, conv_rank, rule, path) -> dict[
     meta = {k: v for k, v in meta_in.items() if k != "modelspec.hash_sha256"}  # stale once the tensors change
     lin = [s for s in stats if s.kind != "conv3x3"]
     conv = [s for s in stats if s.kind == "conv3x3"]
-    meta.setdefault("ss_network_module", "networks.lora")
-    meta.setdefault("ss_base_model_version", BASE_MODEL_VERSION[arch])
-    meta.setdefault("ss_v2", str(arch == "sd2"))
+    meta.setdefault("ss_network_module", NETWORK_MODULE)
+    for k, v in base_model_fields(arch).items():
+        meta.setdefault(k, v)
     if lin:
-        meta["ss_network_dim"] = rank_uniform(s.rank for s in lin)
-        meta["ss_network_alpha"] = rank_uniform(round(flats[s.name].scale * s.rank, 6) for s in lin)
-    args = None
-    try:
-        args = json.loads(meta.get("ss_network_args") or "null")
-    except ValueError:
-        pass
+        fields = network_fields(dim_text(s.rank for s in lin), dim_text(round(flats[s.name].scale * s.rank, 6) for s in lin))
+        meta.update({k: v for k, v in fields.items() if k != "ss_network_module"})
     if conv:
-        args = args if isinstance(args, dict) else {}
-        args["conv_dim"] = rank_uniform(s.rank for s in conv)
-        args["conv_alpha"] = rank_uniform(round(flats[s.name].scale * s.rank, 6) for s in conv)
-        meta["ss_network_args"] = json.dumps(args)
+        meta["ss_network_args"] = conv_network_args(
+            dim_text(s.rank for s in conv), dim_text(round(flats[s.name].scale * s.rank, 6) for s in conv),
+            meta.get("ss_network_args"),
+        )
     record = {
         "source": Path(path).name,
         "rank": rank,
         "conv_rank": conv_rank,
         "rule": rule.text,
         "average_retained": round(average_retained(stats), 6),
-        "ranks_in": rank_uniform(s.rank_in for s in stats),
-        "ranks_out": rank_uniform(s.rank for s in stats),
+        "ranks_in": dim_text(s.rank_in for s in stats),
+        "ranks_out": dim_text(s.rank for s in stats),
     }
     meta["loratool.resize"] = json.dumps(record, sort_keys=True)
     comment = f"resized by loratool from {record['ranks_in']} to {record['ranks_out']} ({record['rule']})"

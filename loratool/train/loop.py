@@ -34,6 +34,7 @@ from ..io.output import open_writer
 from ..io.source import open_file
 from ..io.writer import SafetensorsWriter, check_output, container_for
 from ..metadata import now
+from ..metadata.kohya import base_model_fields, conv_network_args, network_fields
 from ..runtime import resolve_device, threads
 from .data import (
     Item,
@@ -278,8 +279,7 @@ def _kohya_metadata(
     opts: TrainOptions, subsets: list[Subset], reg_subsets: list[Subset], resolution: int, buckets: dict[str, int],
     steps: int, epochs: int, batches_per_epoch: int, started: float, num_images: int, num_reg: int,
 ) -> dict[str, str]:
-    network_args = {"conv_dim": str(opts.conv_rank), "conv_alpha": str(opts.conv_alpha or opts.conv_rank)} \
-        if opts.conv_rank else None
+    network_args = conv_network_args(str(opts.conv_rank), str(opts.conv_alpha or opts.conv_rank)) if opts.conv_rank else None
     meta = {
         "ss_session_id": str(uuid.UUID(int=opts.seed)),
         "ss_training_started_at": str(started),
@@ -299,14 +299,11 @@ def _kohya_metadata(
         "ss_lr_scheduler": "constant",
         "ss_lr_warmup_steps": "0",
         "ss_optimizer": "torch.optim.adamw.AdamW",
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(opts.rank),
-        "ss_network_alpha": str(opts.alpha),
+        **network_fields(str(opts.rank), str(opts.alpha)),
         "ss_network_train_unet_only": str(not opts.train_text_encoder),
         "ss_mixed_precision": "no",
         "ss_full_fp16": "False",
-        "ss_v2": "False",
-        "ss_base_model_version": "sd_v1",
+        **base_model_fields("sd1"),
         "ss_clip_skip": "None",
         "ss_max_token_length": "None",
         "ss_cache_latents": "True",
@@ -331,7 +328,7 @@ def _kohya_metadata(
         "ss_training_comment": "trained with loratool",
     }
     if network_args:
-        meta["ss_network_args"] = json.dumps(network_args)
+        meta["ss_network_args"] = network_args
     subsets_meta = [
         {"img_count": len(sub.items), "num_repeats": sub.repeats, "color_aug": False, "flip_aug": False,
          "random_crop": False, "shuffle_caption": False, "keep_tokens": 0, "image_dir": sub.path.name,
