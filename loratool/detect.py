@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .arch import ARCH_LABELS, ARCHES, checkpoint_layout, shape_rules
-from .arch.sd import COMPONENT_LABELS, component_of_key
+from .arch.sd import COMPONENT_LABELS, EMA_PREFIX, component_of_key
 from .errors import DetectionError
 from .io.source import TensorSpec
 
@@ -27,6 +27,13 @@ class CheckpointMatch:
     precision: float
 
 
+def without_ema(specs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
+    """The EMA policy: a checkpoint's EMA shadow weights (``model_ema.*``) never count as evidence of what
+    the file is. Every command passes them through unchanged; ``--prune`` and ``--to diffusers`` drop them
+    (with that reason), and no command ever merges into them."""
+    return {k: v for k, v in specs.items() if not k.startswith(EMA_PREFIX)}
+
+
 def score_checkpoint(specs: Mapping[str, TensorSpec]) -> list[CheckpointMatch]:
     """Every (arch, naming) candidate scored against the file's keys, best first.
 
@@ -34,6 +41,7 @@ def score_checkpoint(specs: Mapping[str, TensorSpec]) -> list[CheckpointMatch]:
     matches, so models of any width score alike; the shape check that matters for
     merging is done against the concrete weights.
     """
+    specs = without_ema(specs)
     keys = set(specs)
     out = []
     for arch in ARCHES:

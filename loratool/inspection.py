@@ -12,7 +12,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from .detect import component_of_key as _component_and_rest
 from .errors import LoratoolError
 from .io.source import TensorSource, TensorSpec, open_file
 from .metadata import HashReport, TrainingField, Triggers, hash_report, training_summary, trigger_words
+from .progress import Progress
 
 SCHEMA = "loratool.inspect/2"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae", "other")
@@ -130,7 +131,7 @@ def inspect_path(
     hashes: bool | None = None,
     keys: bool = False,
     stats: bool = False,
-    progress: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> Inspection:
     """Inspect one file or diffusers folder.
 
@@ -140,14 +141,14 @@ def inspect_path(
         hashes: True / False, or None for the default: adapters yes, checkpoints and others no.
         keys: list every key with shape, dtype and where it maps.
         stats: read every tensor: NaN/Inf check, and per-block ΔW norms for adapters.
-        progress: called with the number of tensors read, for a progress bar.
+        on_progress: ``(done, total, key)`` after each tensor read by ``stats`` (:mod:`loratool.progress`).
 
     Raises:
         FormatError: not a readable model file. DetectionError: ambiguous architecture.
     """
     source = open_file(path)
     try:
-        return inspect_source(source, arch=arch, hashes=hashes, keys=keys, stats=stats, progress=progress)
+        return inspect_source(source, arch=arch, hashes=hashes, keys=keys, stats=stats, on_progress=on_progress)
     finally:
         source.close()
 
@@ -158,7 +159,7 @@ def inspect_source(
     hashes: bool | None = None,
     keys: bool = False,
     stats: bool = False,
-    progress: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> Inspection:
     """:func:`inspect_path` on an already open source (any :class:`~loratool.io.source.TensorSource`)."""
     specs = {k: source.spec(k) for k in source.keys()}
@@ -196,7 +197,7 @@ def inspect_source(
     else:
         note = "not computed (default for checkpoints and other files: pass --hash; it reads the whole file)"
     key_list = _key_infos(specs, det, index) if keys else None
-    st = _stats(source, specs, det, index, progress) if stats else None
+    st = _stats(source, specs, det, index, on_progress) if stats else None
     if st is not None:
         for nf in st.nonfinite:
             warnings.append(f"{nf.key}: {nf.nan} NaN and {nf.inf} Inf values")
@@ -362,11 +363,10 @@ def block_of(component: str, address: str) -> str:
     return f"{component}.{rest.split('.', 1)[0]}" if component == "unet" else f"{component}.other"
 
 
-def _stats(source, specs, det: FileDetection, index: AdapterIndex | None, progress) -> Stats:
+def _stats(source, specs, det: FileDetection, index: AdapterIndex | None, on_progress: Progress | None) -> Stats:
     import torch
     nonfinite = []
-    tick = progress or (lambda n: None)
-    for k, s in specs.items():
+    for done, (k, s) in enumerate(specs.items(), 1):
         if s.dtype in dtypes.FLOAT_NAMES:
             t = source.get(k)
             if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -374,7 +374,8 @@ def _stats(source, specs, det: FileDetection, index: AdapterIndex | None, progre
             # max |x| is NaN or Inf iff some element is (torch.max propagates NaN); cheaper than isfinite on fp16
             if t.numel() and not bool(torch.isfinite(t.abs().max())):
                 nonfinite.append(NonFinite(k, int(torch.isnan(t).sum()), int(torch.isinf(t).sum())))
-        tick(1)
+        if on_progress is not None:
+            on_progress(done, len(specs), k)
     blocks: list[BlockNorm] = []
     if det.kind == "adapter" and index is not None and index.modules:
         index = sized_index(index, specs)

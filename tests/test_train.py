@@ -36,7 +36,7 @@ def _opts(out: Path, **kw) -> TrainOptions:
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "blob.safetensors"
     steps = []
-    result = train(_opts(out), on_step=lambda s, t, loss: steps.append((s, t, loss)))
+    result = train(_opts(out), on_progress=lambda s, t, loss: steps.append((s, t, float(loss.split()[1]))))
     return result, steps
 
 

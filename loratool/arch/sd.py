@@ -51,6 +51,9 @@ def shape_rules(arch: str) -> ShapeRules:
     return ShapeRules(arch, tuple(d for name, d in _DIMS.items() if name in std), std)
 
 
+# Single-file keys under this prefix are the training run's EMA shadow copy of the model weights.
+EMA_PREFIX = "model_ema."
+
 # Single-file key prefix → component; diffusers keys are ``component/key``.
 COMPONENT_PREFIXES = (
     ("model.diffusion_model.", "unet"),

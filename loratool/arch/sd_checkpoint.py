@@ -31,7 +31,7 @@ from functools import cache, cached_property
 from ..io.source import TensorSpec
 from . import checkpoint_layout, shape_rules
 from .dims import ShapeConfig
-from .sd import component_of_key
+from .sd import EMA_PREFIX, component_of_key
 
 TRANSFORMS = ("conv1x1_linear", "transpose")
 
@@ -279,7 +279,7 @@ def _fused_links(arch: str, d: int) -> list[KeyLink]:
 def _ldm_only_rules(arch: str) -> list[tuple[str, bool, str]]:
     """(key or prefix, is_prefix, reason) of single-file keys with no diffusers counterpart."""
     out: list[tuple[str, bool, str]] = [(b, False, _WHY_SCHEDULE) for b in SCHEDULE_BUFFERS]
-    out.append(("model_ema.", True, _WHY_EMA))
+    out.append((EMA_PREFIX, True, _WHY_EMA))
     out.append((_PREFIXES[arch]["text_encoder"] + "text_model.embeddings.position_ids", False, _WHY_POSITION_IDS))
     if arch in _OPENCLIP:
         pre = _PREFIXES[arch][_OPENCLIP[arch]]

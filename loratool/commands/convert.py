@@ -58,10 +58,11 @@ def command(
     from ..io.source import open_file
     from ..ops.convert import convert
     from ..render import convert as render
+    from ..render.common import progress_bar
 
     source = open_file(src)
     try:
-        with render.progress_sink(f"converting {src.name}", enabled=not as_json) as on_progress:
+        with progress_bar(f"converting {src.name}", not as_json, lambda key: key.rsplit(".", 2)[0][-48:]) as on_progress:
             report = convert(
                 source,
                 out,

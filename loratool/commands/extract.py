@@ -38,11 +38,12 @@ def command(
     metadata and sshs hashes are written.
     """
     from ..ops.extract import extract_lora
-    from ..render.lowrank import LazyProgress, render_extract
+    from ..render.common import progress_bar
+    from ..render.lowrank import render_extract
 
-    with LazyProgress(f"extracting {tuned.name}", enabled=not as_json) as bar:
+    with progress_bar(f"extracting {tuned.name}", not as_json) as on_progress:
         result = extract_lora(
             tuned, base, out, rank, conv_rank, rule, clamp, min_diff, exact, all_layers, device, arch, dtype, force,
-            seed=seed, on_start=bar.start, on_module=bar.advance,
+            seed=seed, on_progress=on_progress,
         )
     render_extract(result, as_json, verbose)

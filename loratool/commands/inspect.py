@@ -29,15 +29,16 @@ def command(files: tuple[Path, ...], as_json: bool, keys: bool, stats: bool, arc
     from ..inspection import inspect_source
     from ..io.source import open_file
     from ..render import inspect as render
-    from ..render.common import print_error, progress
+    from ..render.common import print_error, progress_bar
 
     reports, failed = [], []
     for f in files:
         try:
             with open_file(f) as source:
-                total = len(source.keys())
-                with progress(f"checking {f.name}", total, enabled=stats and not as_json) as advance:
-                    reports.append(inspect_source(source, arch=arch, hashes=hashes, keys=keys, stats=stats, progress=advance))
+                with progress_bar(f"checking {f.name}", stats and not as_json) as on_progress:
+                    reports.append(
+                        inspect_source(source, arch=arch, hashes=hashes, keys=keys, stats=stats, on_progress=on_progress)
+                    )
         except LoratoolError as exc:  # report the other files, then fail
             failed.append(exc)
     if as_json:

@@ -37,6 +37,7 @@ def command(base, loras, out, force, device, dtype, te_ratio, unet_ratio, lbw, d
     from ..io.source import open_file
     from ..ops import merge as ops
     from ..render import merge as render
+    from ..render.common import progress_bar
 
     fallback_arch = None  # the base checkpoint's arch, for adapters whose own keys cannot decide
 
@@ -56,7 +57,7 @@ def command(base, loras, out, force, device, dtype, te_ratio, unet_ratio, lbw, d
         if not out or dry_run:
             raise LoratoolError("LoRA+LoRA merges need -o/--output and take no --dry-run", hint="e.g. -o merged.safetensors")
         block_weights = parse_block_weights(lbw, adapters[0][0].arch) if lbw else None
-        with render.progress_callback("merging LoRAs", not as_json) as cb:
+        with progress_bar("merging LoRAs", not as_json) as cb:
             report = ops.merge_adapters(
                 adapters, out, mode=mode, rank=rank, dtype=dtype, device=device, te_ratio=te_ratio, unet_ratio=unet_ratio,
                 block_weights=block_weights, allow_unmapped=allow_unmapped, allow_nonfinite=allow_nonfinite, force=force,
@@ -75,7 +76,7 @@ def command(base, loras, out, force, device, dtype, te_ratio, unet_ratio, lbw, d
     fallback_arch = detect_checkpoint(source.specs(), arch).arch
     adapters = [adapter(a) for a in loras]
     block_weights = parse_block_weights(lbw, adapters[0][0].arch) if lbw else None
-    with render.progress_callback("merging", not (as_json or dry_run)) as cb:
+    with progress_bar("merging", not (as_json or dry_run)) as cb:
         report = ops.merge_into_checkpoint(
             source, adapters, out, arch=arch, device=device, dtype=dtype, te_ratio=te_ratio, unet_ratio=unet_ratio,
             block_weights=block_weights, allow_unmapped=allow_unmapped, allow_nonfinite=allow_nonfinite, force=force,

@@ -38,11 +38,11 @@ def command(lora, out, rank, conv_rank, rule, device, dtype, arch, force, as_jso
     so alpha/rank stays the same. Writes kohya module names; metadata and sshs hashes are updated.
     """
     from ..ops.resize import resize_lora
-    from ..render.lowrank import LazyProgress, render_resize
+    from ..render.common import progress_bar
+    from ..render.lowrank import render_resize
 
-    with LazyProgress(f"resizing {lora.name}", enabled=not as_json) as bar:
+    with progress_bar(f"resizing {lora.name}", not as_json) as on_progress:
         result = resize_lora(
-            lora, out, rank, conv_rank, rule, device=device, dtype=dtype, arch=arch, force=force,
-            on_start=bar.start, on_module=bar.advance,
+            lora, out, rank, conv_rank, rule, device=device, dtype=dtype, arch=arch, force=force, on_progress=on_progress,
         )
     render_resize(result, as_json, verbose)

@@ -46,7 +46,8 @@ def command(base, data, reg_data, out, rank, alpha, conv_rank, conv_alpha, learn
     metadata (trigger words in ss_tag_frequency) and sshs hashes.
     """
     from ..assets import tiny_base
-    from ..render.train import train_progress, train_report
+    from ..render.common import progress_bar
+    from ..render.train import train_report
     from ..train import TrainOptions, train
 
     if bucket_step < 64 or bucket_step % 64:
@@ -59,6 +60,6 @@ def command(base, data, reg_data, out, rank, alpha, conv_rank, conv_alpha, learn
         train_text_encoder=not unet_only, prior_loss_weight=prior_loss_weight, tokenizer=tokenizer,
         save_dtype=dtype, output_name=output_name, force=force,
     )
-    with train_progress(enabled=not as_json) as on_step:
-        result = train(opts, on_step=on_step)
+    with progress_bar("training", not as_json) as on_progress:
+        result = train(opts, on_progress=on_progress)
     train_report(result, as_json)

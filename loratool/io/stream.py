@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..progress import Progress
+
 if TYPE_CHECKING:
     import torch
 
@@ -111,7 +113,7 @@ def run(
     source,
     items: Sequence[Item],
     budget: int = DEFAULT_BUDGET,
-    on_progress: Callable[[int, int, str], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> StreamStats:
     """Stream every item from ``source`` through its function into its writer (see the module docstring).
 

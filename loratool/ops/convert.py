@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from .. import dtypes
 from ..adapters import DEFAULT_REL_TOL, FAMILIES, AdapterModule, rank_of, to_lora_factors
 from ..adapters.families import missing_roles
 from ..adapters.io import is_alpha_key, module_tensors
+from ..arch.sd import EMA_PREFIX
 from ..arch.sd_checkpoint import SCHEDULE_BUFFERS
 from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..io import stream
@@ -31,12 +32,13 @@ from ..io.output import open_writer
 from ..io.source import TensorSpec
 from ..io.writer import check_output, container_for
 from ..metadata.kohya import network_fields
+from ..progress import Progress
 
 # ----------------------------------------------------------------------------- dtype casts
 
 # Keys whose dtype a cast leaves alone: the LDM DDPM schedule buffers and the EMA decay are
 # float32 in every release (kohya's merge carries them over unchanged); 1000 values, 48 KB.
-KEEP_DTYPE_KEYS = frozenset(SCHEDULE_BUFFERS) | {"model_ema.decay"}
+KEEP_DTYPE_KEYS = frozenset(SCHEDULE_BUFFERS) | {EMA_PREFIX + "decay"}
 
 
 def alpha_in_dtype(alpha: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -52,7 +54,7 @@ def alpha_in_dtype(alpha: torch.Tensor, dtype: str) -> torch.Tensor:
 
 # What --prune drops from a full checkpoint, and why. Anything else is kept.
 PRUNE_RULES: tuple[tuple[str, str], ...] = (
-    ("model_ema.", "EMA shadow weights and their counters (model_ema.decay, model_ema.num_updates)"),
+    (EMA_PREFIX, "EMA shadow weights and their counters (model_ema.decay, model_ema.num_updates)"),
     ("first_stage_model.loss.", "VAE training loss: LPIPS and discriminator weights"),
     ("loss.", "training loss weights"),
     ("optimizer.", "optimizer state"),
@@ -151,7 +153,6 @@ class ConvertReport:
         }
 
 
-Progress = Callable[[int, int, str], None]
 
 
 # ----------------------------------------------------------------------------- classification

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from ..errors import LoratoolError, MappingError, listing
 from ..io.source import open_file
 from ..io.writer import check_output, container_for
 from ..metadata.kohya import base_model_fields, conv_network_args, dim_text, modelspec_fields, network_fields
+from ..progress import Progress
 from ..runtime import SMALL_FACTORIZATION, resolve_device, threads, threads_for
 from .lowrank import (
     FIXED,
@@ -124,8 +124,7 @@ def extract_lora(
     oversample: int = 10,
     n_iter: int = 4,
     seed: int = 0,
-    on_start: Callable[[int], None] | None = None,
-    on_module: Callable[[str], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> ExtractResult:
     """Write a kohya LoRA approximating ``tuned − base``.
 
@@ -137,7 +136,7 @@ def extract_lora(
         min_diff: modules whose max |ΔW| ≤ min_diff are skipped (default 0: identical weights).
         exact: full SVD instead of randomized.
         all_layers: every adaptable Linear/Conv (``arch.sd_naming.all_modules``), not just kohya's network.
-        on_start: called once with the number of modules to process; on_module after each.
+        on_progress: ``(done, total, module name)`` after each module (:mod:`loratool.progress`).
 
     Raises:
         LoratoolError: rank < 1, arch or shape mismatch between the two files, unusable output.
@@ -163,8 +162,6 @@ def extract_lora(
         config = solve_config(arch, bspecs, bm.naming)
         targets = [t.sized(config) for t in targets]
         _check_pairs(targets, tspecs, tm.naming, tuned, bspecs, bm.naming, base)
-        if on_start is not None:
-            on_start(len(targets))
         tcache, bcache = _OneTensorCache(ts), _OneTensorCache(bs)
         pending: list[_Pending] = []
         skipped: list[str] = []
@@ -180,8 +177,8 @@ def extract_lora(
                 skipped.append(target.name)
             else:
                 pending.append(pending_one)
-            if on_module is not None:
-                on_module(target.name)
+            if on_progress is not None:
+                on_progress(len(pending) + len(skipped), len(targets), target.name)
 
     caps = {p.target.name: (conv_rank if p.kind == "conv3x3" else rank) for p in pending}
 

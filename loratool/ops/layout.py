@@ -11,7 +11,6 @@ exists on both sides.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from ..io import stream
 from ..io.folder import FolderOutput
 from ..io.source import TensorSpec, open_file
 from ..io.writer import SafetensorsWriter
+from ..progress import Progress
 
 _WEIGHT_FILES = {
     "unet": "diffusion_pytorch_model.safetensors",
@@ -36,7 +36,6 @@ _WEIGHT_FILES = {
 }
 _COMPONENT_ORDER = ("unet", "text_encoder", "text_encoder_2", "vae")
 
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -137,8 +136,7 @@ def convert_checkpoint(
     src = open_file(source) if own else source
     try:
         specs = {k: src.spec(k) for k in src.keys()}
-        # EMA shadow copies (non-pruned training files) would only dilute the detection score.
-        match = detect_checkpoint({k: v for k, v in specs.items() if not k.startswith("model_ema.")}, arch)
+        match = detect_checkpoint(specs, arch)
         if match.naming == to == "ldm":
             raise LoratoolError(
                 f"{src.path} is already a single-file checkpoint",

@@ -38,10 +38,10 @@ from ..io.source import MODEL_SUFFIXES, TensorSpec
 from ..io.writer import SafetensorsWriter, check_output, container_for
 from ..metadata import parse_json_field
 from ..metadata.kohya import conv_network_args, dim_text, network_fields
+from ..progress import Progress
 from ..runtime import resolve_device, threads, threads_for
 from .lowrank import factored_svd
 
-Progress = Callable[[int, int, str], None]
 RECIPE_KEY = "loratool.merge.recipe"
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from ..errors import DetectionError, LoratoolError
 from ..io.source import open_file
 from ..io.writer import check_output, container_for
 from ..metadata.kohya import NETWORK_MODULE, base_model_fields, conv_network_args, dim_text, network_fields
+from ..progress import Progress
 from ..runtime import resolve_device, threads, threads_for
 from .lowrank import (
     FIXED,
@@ -116,8 +116,7 @@ def resize_lora(
     dtype: str | None = None,
     arch: str | None = None,
     force: bool = False,
-    on_start: Callable[[int], None] | None = None,
-    on_module: Callable[[str], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> ResizeResult:
     """Write a copy of the LoRA at ``path`` with every module's rank chosen by ``rule``.
 
@@ -127,7 +126,7 @@ def resize_lora(
         rule: :class:`FixedRank`, a per-module rule or a :class:`Budget`.
         device: ``auto`` | ``cpu`` | ``cuda``; the SVDs run there in float32.
         dtype: output dtype name (``F16``...); default: the input's factor dtype.
-        on_start: called once with the number of modules; on_module with each module name once it is done.
+        on_progress: ``(done, total, module name)`` after each module's factorization (:mod:`loratool.progress`).
 
     Raises:
         LoratoolError: rank < 1, a LoHa/LoKr/DoRA input, an unusable output path.
@@ -145,8 +144,6 @@ def resize_lora(
         raise LoratoolError(f"{path}: no LoRA modules found", hint="is this a LoRA file?")
     mods = {name: lora_factors(m) for name, m in sorted(loaded.modules.items())}
     flats = {name: _flatten(m) for name, m in mods.items()}
-    if on_start is not None:
-        on_start(len(flats))
     out_dtype = dtype or dtypes.name_of(next(iter(mods.values())).tensors["up"].dtype)
 
     # Exact SVDs, batched over modules whose factor shapes agree; only the leading `cap` vectors are kept.
@@ -166,8 +163,8 @@ def resize_lora(
             del up, down
             for i, n in enumerate(chunk):
                 svds[n] = (u[i, :, :cap].cpu().clone(), s[i].cpu(), vh[i, :cap].cpu().clone())
-                if on_module is not None:
-                    on_module(n)
+                if on_progress is not None:
+                    on_progress(len(svds), len(flats), n)
             del u, s, vh
 
     if isinstance(rule, Budget):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 
 from rich.console import Console
 from rich.markup import escape
@@ -18,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .. import progress as protocol
 from ..errors import LoratoolError
 
 stdout = Console(highlight=False, soft_wrap=True, emoji=False)
@@ -48,6 +49,29 @@ def print_json(data: object) -> None:
     """Stable JSON on stdout: sorted keys, two-space indent."""
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
+
+
+@contextmanager
+def progress_bar(description: str, enabled: bool = True, label: Callable[[str], str] | None = None) -> Iterator[protocol.Progress]:
+    """Yield a :data:`~loratool.progress.Progress` callback drawing a bar on stderr. The bar opens on the
+    first call, when the total is known, so an error while loading is not preceded by an empty bar.
+
+    ``label`` shortens the unit's label for the note column (default: its last 48 characters).
+    """
+    shorten = label or (lambda text: text[-48:])
+    with ExitStack() as stack:
+        state: dict = {}
+
+        def on_progress(done: int, total: int, name: str) -> None:
+            if not enabled:
+                return
+            if "advance" not in state:
+                state["advance"] = stack.enter_context(progress(description, total))
+                state["done"] = 0
+            state["advance"](done - state["done"], shorten(name))
+            state["done"] = done
+
+        yield on_progress
 
 
 @contextmanager

@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, is_dataclass
 
 from rich.markup import escape
 from rich.table import Table
 
-from .common import print_json, progress, stdout
-
-
-@contextmanager
-def progress_sink(description: str, enabled: bool = True) -> Iterator:
-    """Yield ``on_progress(done, total, name)``; the bar opens on the first call, when the total is known."""
-    with ExitStack() as stack:
-        state: dict = {}
-
-        def on_progress(done: int, total: int, name: str) -> None:
-            if not enabled:
-                return
-            if "advance" not in state:
-                state["advance"] = stack.enter_context(progress(description, total))
-                state["done"] = 0
-            state["advance"](done - state["done"], name.rsplit(".", 2)[0][-48:])
-            state["done"] = done
-
-        yield on_progress
+from .common import print_json, stdout
 
 
 def report_dict(report) -> dict:

@@ -84,29 +84,3 @@ def render_extract(result, as_json: bool = False, verbose: bool = False) -> None
     if result.conv_skipped:
         stdout.print(f"left out {result.conv_skipped} 3x3 conv modules (pass --conv-rank to extract them)")
     stdout.print(_worst_table(result.modules, len(result.modules) if verbose else 5))
-
-
-class LazyProgress:
-    """A progress bar opened when the library reports its total (``start(n)``), advanced per module."""
-
-    def __init__(self, description: str, enabled: bool = True):
-        from .common import progress
-
-        self._make = lambda total: progress(description, total, enabled)
-        self._ctx = None
-        self._advance = None
-
-    def start(self, total: int) -> None:
-        self._ctx = self._make(total)
-        self._advance = self._ctx.__enter__()
-
-    def advance(self, note: str | None = None) -> None:
-        if self._advance is not None:
-            self._advance(1, note)
-
-    def __enter__(self) -> LazyProgress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(None, None, None)

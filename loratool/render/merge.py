@@ -2,40 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from rich.markup import escape
 from rich.table import Table
 
 from ..ops.merge import AdapterMergeReport, MergeReport
-from .common import print_json, progress, stdout
-
-
-@contextmanager
-def progress_callback(description: str, enabled: bool = True) -> Iterator:
-    """Yield an ``on_progress(done, total, note)`` callback that draws a bar on stderr (None when disabled).
-
-    The bar opens on the first call, when the total is known.
-    """
-    if not enabled:
-        yield None
-        return
-    state: dict = {"ctx": None, "advance": None, "done": 0}
-
-    def callback(done: int, total: int, note: str) -> None:
-        if state["ctx"] is None:
-            state["ctx"] = progress(description, total)
-            state["advance"] = state["ctx"].__enter__()
-        state["advance"](done - state["done"], note[-48:])
-        state["done"] = done
-
-    try:
-        yield callback
-    finally:
-        if state["ctx"] is not None:
-            state["ctx"].__exit__(None, None, None)
+from .common import print_json, stdout
 
 
 def _fmt_rows(rows) -> str:

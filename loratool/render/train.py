@@ -2,39 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .common import print_json, stderr, stdout
-
-
-@contextmanager
-def train_progress(enabled: bool = True) -> Iterator[Callable[[int, int, float], None]]:
-    """A progress bar on stderr fed by ``train``'s ``on_step(step, total, loss)``; it appears with the first step,
-    so errors during loading are not preceded by an empty bar."""
-    if not enabled:
-        yield lambda step, total, loss: None
-        return
-    columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("[dim]loss {task.fields[loss]}"))
-    bar = Progress(*columns, console=stderr)
-    task = None
-
-    def on_step(step: int, total: int, loss: float) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task("training", total=total, loss="…")
-        bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
-
-    try:
-        yield on_step
-    finally:
-        if task is not None:
-            bar.stop()
+from .common import print_json, stdout
 
 
 def train_report(result, as_json: bool = False) -> None:

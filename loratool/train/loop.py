@@ -16,7 +16,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ from ..io.source import open_file
 from ..io.writer import SafetensorsWriter, check_output, container_for
 from ..metadata import now
 from ..metadata.kohya import base_model_fields, conv_network_args, network_fields
+from ..progress import Progress
 from ..runtime import resolve_device, threads
 from .data import (
     Item,
@@ -344,10 +345,10 @@ def _kohya_metadata(
     return meta
 
 
-def train(opts: TrainOptions, on_step: Callable[[int, int, float], None] | None = None) -> TrainResult:
+def train(opts: TrainOptions, on_progress: Progress | None = None) -> TrainResult:
     """Train a LoRA (or the whole UNet with ``full``) and write it to ``opts.output``.
 
-    ``on_step(step, total, loss)`` is called after every optimiser step (for progress display).
+    ``on_progress(step, total, "loss 0.1234")`` is called after every optimiser step (:mod:`loratool.progress`).
 
     Raises:
         LoratoolError: bad data folder, unusable base, existing output without ``force``, no CUDA.
@@ -368,12 +369,12 @@ def train(opts: TrainOptions, on_step: Callable[[int, int, float], None] | None 
     model = load_model(opts.base, device)
     model.requires_grad_(False)
     with cpu_threads(model, device):
-        return _train(model, opts, device, subsets, reg_subsets, items, started, on_step)
+        return _train(model, opts, device, subsets, reg_subsets, items, started, on_progress)
 
 
 def _train(
     model: StableDiffusion, opts: TrainOptions, device: torch.device, subsets: list[Subset], reg_subsets: list[Subset],
-    items: list[Item], started: float, on_step: Callable[[int, int, float], None] | None,
+    items: list[Item], started: float, on_progress: Progress | None,
 ) -> TrainResult:
     resolution = opts.resolution or default_resolution(model)
     samples = _prepare(model, items, opts, resolution, device)
@@ -407,8 +408,8 @@ def _train(
             optimizer.step()
             step += 1
             losses.append(float(loss.detach()))
-            if on_step:
-                on_step(step, total, losses[-1])
+            if on_progress:
+                on_progress(step, total, f"loss {losses[-1]:.4f}")
             if step >= total:
                 break
     model.eval()
