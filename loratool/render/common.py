@@ -52,7 +52,9 @@ def print_json(data: object) -> None:
 
 
 @contextmanager
-def progress_bar(description: str, enabled: bool = True, label: Callable[[str], str] | None = None) -> Iterator[protocol.Progress]:
+def progress_bar(
+    description: str, enabled: bool = True, label: Callable[[str], str] | None = None
+) -> Iterator[protocol.Progress]:
     """Yield a :data:`~loratool.progress.Progress` callback drawing a bar on stderr. The bar opens on the
     first call, when the total is known, so an error while loading is not preceded by an empty bar.
 
