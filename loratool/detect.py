@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
 
-from .arch import ARCH_LABELS, ARCHES, checkpoint_layout, shape_rules
+from .arch import ARCH_LABELS, ARCHES, Arch, CheckpointNaming, checkpoint_layout, shape_rules
 from .arch.sd import COMPONENT_LABELS, EMA_PREFIX, component_of_key
 from .errors import DetectionError
 from .io.source import TensorSpec
@@ -18,10 +19,13 @@ from .io.source import TensorSpec
 MIN_SCORE = 0.5
 
 
+FileKind = Literal["checkpoint", "adapter", "other"]
+
+
 @dataclass(frozen=True)
 class CheckpointMatch:
-    arch: str
-    naming: str  # "ldm" (single file, LDM/SGM keys) or "diffusers" (component/key)
+    arch: Arch
+    naming: CheckpointNaming
     score: float
     coverage: float
     precision: float
@@ -111,9 +115,9 @@ class FileDetection:
             ``text_encoder_2``, ``unknown``); None for checkpoints and adapters.
     """
 
-    kind: str
-    arch: str | None
-    naming: str | None
+    kind: FileKind
+    arch: Arch | None
+    naming: str | None  # CheckpointNaming or adapter Naming
     confidence: float | None
     runner_up: Candidate | None
     candidates: tuple[Candidate, ...]
@@ -189,20 +193,29 @@ def match_component(specs: Mapping[str, TensorSpec]) -> list[ComponentMatch]:
     return out
 
 
-def describe_other(specs: Mapping[str, TensorSpec]) -> tuple[str, str, tuple[str, ...], str | None, str | None]:
-    """Name a file that is neither a checkpoint nor an adapter, plainly, from its key names.
+class OtherFile(NamedTuple):
+    """What a file that is neither a checkpoint nor an adapter holds.
 
-    Returns:
-        (what, description, evidence lines, arch or None, naming or None); ``what`` is ``empty``,
-        ``embedding``, ``vae``, a component (``unet``, ``text_encoder``, ``text_encoder_2``) or ``unknown``.
+    ``what`` is ``empty``, ``embedding``, ``vae``, a component (``unet``, ``text_encoder``,
+    ``text_encoder_2``) or ``unknown``; ``arch``/``naming`` are known for a component file only.
     """
+
+    what: str
+    description: str
+    evidence: tuple[str, ...]
+    arch: Arch | None
+    naming: CheckpointNaming | None
+
+
+def describe_other(specs: Mapping[str, TensorSpec]) -> OtherFile:
+    """Name a file that is neither a checkpoint nor an adapter, plainly, from its key names."""
     keys = list(specs)
     if not keys:
-        return "empty", "empty: the file holds no tensors", ("0 tensors",), None, None
+        return OtherFile("empty", "empty: the file holds no tensors", ("0 tensors",), None, None)
     emb = [k for k in keys if k.split(".", 1)[0] in _EMBEDDING_KEYS]
     if emb and len(emb) >= len(keys) / 2:
         vectors = sum(specs[k].shape[0] for k in emb if len(specs[k].shape) == 2)
-        return (
+        return OtherFile(
             "embedding",
             f"textual-inversion embedding ({vectors} vectors), not a checkpoint or LoRA",
             (f"keys {', '.join(sorted({k.split('.', 1)[0] for k in emb}))}",),
@@ -212,7 +225,7 @@ def describe_other(specs: Mapping[str, TensorSpec]) -> tuple[str, str, tuple[str
     vae = [k for k in keys if k.startswith(_VAE_PREFIXES)]
     if len(vae) == len(keys):
         evidence = (f"all {len(keys)} keys are VAE encoder/decoder keys",)
-        return "vae", "VAE only (autoencoder weights, no UNet or text encoder)", evidence, None, None
+        return OtherFile("vae", "VAE only (autoencoder weights, no UNet or text encoder)", evidence, None, None)
     parts = match_component(specs)
     if parts and parts[0].coverage * parts[0].precision >= 0.8:
         best = parts[0]
@@ -229,10 +242,10 @@ def describe_other(specs: Mapping[str, TensorSpec]) -> tuple[str, str, tuple[str
         if tie:
             evidence += (f"fits {', '.join(sorted({best.arch, *(m.arch for m in tie)}))} equally well",)
         description = f"{label}{COMPONENT_LABELS[best.component]} only, not a full checkpoint"
-        return best.component, description, evidence, arch, best.naming
+        return OtherFile(best.component, description, evidence, arch, best.naming)
     ranked = score_checkpoint(specs)
     best = ranked[0]
-    return (
+    return OtherFile(
         "unknown",
         "unknown tensors: no checkpoint, adapter, VAE or embedding layout fits",
         (f"best checkpoint layout {best.arch}/{best.naming} covers {best.coverage:.0%} of its keys "

@@ -363,7 +363,7 @@ def block_of(component: str, address: str) -> str:
     return f"{component}.{rest.split('.', 1)[0]}" if component == "unet" else f"{component}.other"
 
 
-def _stats(source, specs, det: FileDetection, index: AdapterIndex | None, on_progress: Progress | None) -> Stats:
+def _stats(source: TensorSource, specs, det: FileDetection, index: AdapterIndex | None, on_progress: Progress | None) -> Stats:
     import torch
     nonfinite = []
     for done, (k, s) in enumerate(specs.items(), 1):

@@ -15,17 +15,19 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 if TYPE_CHECKING:
     import torch
 
-from ..arch import ARCHES, ModuleTarget, shape_rules
+    from ..io.source import TensorSource
+
+from ..arch import ARCHES, Arch, ModuleTarget, shape_rules
 from ..arch.dims import Solution
 from ..arch.sd_naming import module_index
 from ..errors import DetectionError, InternalError, MappingError, listing
 from ..metadata.kohya import arch_from_metadata
-from .families import AdapterModule, _prod, factor_problem, family_of
+from .families import AdapterModule, FamilyName, _prod, factor_problem, family_of
 
 KOHYA_SUFFIXES: dict[str, str] = {
     "lora_down.weight": "down",
@@ -63,22 +65,33 @@ DIFFUSERS_SUFFIXES: dict[str, str] = {
     "lora_linear_layer.up.weight": "up",
     "alpha": "alpha",
 }
-SUFFIXES_BY_NAMING = {"kohya": KOHYA_SUFFIXES, "peft": PEFT_SUFFIXES, "diffusers": DIFFUSERS_SUFFIXES}
+Naming = Literal["kohya", "peft", "diffusers"]
+SUFFIXES_BY_NAMING: dict[Naming, dict[str, str]] = {
+    "kohya": KOHYA_SUFFIXES, "peft": PEFT_SUFFIXES, "diffusers": DIFFUSERS_SUFFIXES
+}
 
 
-def split_key(key: str) -> tuple[str, str, str] | None:
+class KeyParts(NamedTuple):
+    """A native adapter key split: the module's native name, the role, the naming whose suffix matched."""
+
+    module: str
+    role: str
+    naming: Naming
+
+
+def split_key(key: str) -> KeyParts | None:
     """``native key → (module name, role, naming)``, or None when no known suffix matches.
 
     kohya keys look like ``lora_unet_x.lora_down.weight``; PEFT ``unet.x.lora_A.weight``;
     diffusers ``unet.x.lora.down.weight``.
     """
-    best: tuple[str, str, str] | None = None
+    best: KeyParts | None = None
     for naming, table in SUFFIXES_BY_NAMING.items():
         for suffix, role in table.items():
             if key.endswith("." + suffix):
                 module = key[: -len(suffix) - 1]
                 if best is None or len(suffix) > len(key) - len(best[0]) - 1:
-                    best = (module, role, naming)
+                    best = KeyParts(module, role, naming)
     return best
 
 
@@ -86,11 +99,11 @@ def split_key(key: str) -> tuple[str, str, str] | None:
 class AdapterIndex:
     """Where every key of an adapter file goes: per target module name, role → native key."""
 
-    arch: str
-    naming: str
+    arch: Arch
+    naming: Naming
     modules: dict[str, dict[str, str]]
     targets: dict[str, ModuleTarget]
-    families: dict[str, str]
+    families: dict[str, FamilyName]
     unmapped: list[str]
     solution: Solution | None = None  # the shape config read off the factors (:func:`sized_index`); targets sized to it
     proportional: frozenset[str] = frozenset()  # modules whose sizes keep the standard proportions of that config
@@ -264,9 +277,17 @@ def fit_count(index: AdapterIndex, specs: Mapping[str, object]) -> int:
     return n
 
 
+class ArchChoice(NamedTuple):
+    """:func:`best_arch`'s answer: the architecture, the file indexed (and sized) for it, every (arch, score)."""
+
+    arch: Arch
+    index: AdapterIndex
+    scores: list[tuple[Arch, float]]
+
+
 def best_arch(
-    specs: Mapping[str, object], arches: Iterable[str] = ARCHES, metadata: Mapping[str, str] | None = None
-) -> tuple[str, AdapterIndex, list[tuple[str, float]]]:
+    specs: Mapping[str, object], arches: Iterable[Arch] = ARCHES, metadata: Mapping[str, str] | None = None
+) -> ArchChoice:
     """Pick the architecture an adapter is for, from its key names, shapes and metadata.
 
     Evidence, strongest first: the share of keys whose names map to a module of the arch;
@@ -307,15 +328,15 @@ def best_arch(
             f"adapter keys fit {scored[0][1]} and {scored[1][1]} equally well",
             hint="name the base model with --arch sd1|sd2|sdxl",
         )
-    return scored[0][1], scored[0][2], [(a, round(sc, 4)) for sc, a, _ in scored]
+    return ArchChoice(scored[0][1], scored[0][2], [(a, round(sc, 4)) for sc, a, _ in scored])
 
 
 @dataclass
 class LoadedAdapter:
     """An adapter file resolved against one architecture: every module with its tensors."""
 
-    arch: str
-    naming: str
+    arch: Arch
+    naming: Naming
     modules: dict[str, AdapterModule]
     unmapped: list[str]
     scores: list[tuple[str, float]]
@@ -327,7 +348,7 @@ class LoadedAdapter:
         return {m.family for m in self.modules.values()}
 
 
-def load_adapter(source, arch: str | None = None, allow_unmapped: bool = False) -> LoadedAdapter:
+def load_adapter(source: TensorSource, arch: str | None = None, allow_unmapped: bool = False) -> LoadedAdapter:
     """Read every module of an adapter source (any naming) into memory, resolved to targets.
 
     Args:
@@ -377,8 +398,6 @@ def load_adapter(source, arch: str | None = None, allow_unmapped: bool = False) 
 
 
 # ----------------------------------------------------------------------------- writing
-
-Naming = Literal["kohya", "peft", "diffusers"]
 
 
 @dataclass(frozen=True)

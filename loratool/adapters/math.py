@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import torch
@@ -280,12 +280,21 @@ def _svd_of(module: AdapterModule, shape: tuple[int, ...]) -> tuple[torch.Tensor
     return torch.linalg.svd(dense.reshape(out, -1), full_matrices=False)
 
 
+class LoraFactors(NamedTuple):
+    """Plain LoRA factors of a module and the relative error they make (:func:`to_lora_factors`)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    rel_error: float
+
+
 def to_lora_factors(
     module: AdapterModule,
     max_rank: int | None = None,
     rel_tol: float = DEFAULT_REL_TOL,
     shape: tuple[int, ...] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+) -> LoraFactors:
     """Plain LoRA factors (down, up, alpha) for any adapter module, with the relative error made.
 
     * LoRA without ``mid``, rank ≤ ``max_rank``: the module's own factors and alpha (error 0).
@@ -332,7 +341,7 @@ def to_lora_factors(
             if "mid" in t:
                 mid = t["mid"]
                 down = torch.einsum("ab...,bi->ai...", mid, down.reshape(r, -1))
-            return _shaped(down, t["up"], shape) + (alpha, 0.0)
+            return LoraFactors(*_shaped(down, t["up"], shape), alpha, 0.0)
     u, s, vh = _svd_of(module, shape)
     scale = scale_of(fam, t)
     s = s * abs(scale)
@@ -351,7 +360,7 @@ def to_lora_factors(
     root = s[:k].sqrt()
     up = u[:, :k] * root * (1.0 if scale >= 0 else -1.0)
     down = root[:, None] * vh[:k]
-    return _shaped(down, up, shape) + (float(k), err)
+    return LoraFactors(*_shaped(down, up, shape), float(k), err)
 
 
 def _shaped(down: torch.Tensor, up: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:

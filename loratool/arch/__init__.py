@@ -16,11 +16,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
+from typing import Literal
 
 from ..io.source import TensorSpec
 from .dims import ShapeConfig, ShapeRules
 
-ARCHES = ("sd1", "sd2", "sdxl")
+Arch = Literal["sd1", "sd2", "sdxl"]
+CheckpointNaming = Literal["ldm", "diffusers"]  # single file (LDM/SGM keys) or diffusers folder (component/key)
+LayerKind = Literal["linear", "conv1x1", "conv3x3"]
+
+ARCHES: tuple[Arch, ...] = ("sd1", "sd2", "sdxl")
 ARCH_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 _FILE_PREFIX = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
 
@@ -42,7 +47,7 @@ class ModuleTarget:
     """
 
     name: str
-    kind: str
+    kind: LayerKind
     address: str
     rows: tuple[int, int] | None
     shape: tuple[int, ...]

@@ -46,19 +46,26 @@ class TensorSpec:
 
 
 class TensorSource(Protocol):
-    """What every command reads. ``get`` is the only call that touches tensor data."""
+    """What every command reads: keys, specs and metadata from the header; ``get`` is the only call that
+    touches tensor data. Sources are context managers (``with open_file(p) as src``)."""
 
     path: Path
-    format: str
+    format: str  # "safetensors" | "pickle" | "diffusers" | "memory"
     metadata: dict[str, str]
 
     def keys(self) -> list[str]: ...
 
     def spec(self, key: str) -> TensorSpec: ...
 
+    def specs(self) -> dict[str, TensorSpec]: ...
+
     def get(self, key: str) -> torch.Tensor: ...
 
     def close(self) -> None: ...
+
+    def __enter__(self) -> TensorSource: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 def _spec_of(t: torch.Tensor) -> TensorSpec:

@@ -29,7 +29,7 @@ from ..arch.sd_checkpoint import SCHEDULE_BUFFERS
 from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..io import stream
 from ..io.output import open_writer
-from ..io.source import TensorSpec
+from ..io.source import TensorSource, TensorSpec
 from ..io.writer import check_output, container_for
 from ..metadata.kohya import network_fields
 from ..progress import Progress
@@ -158,7 +158,7 @@ class ConvertReport:
 # ----------------------------------------------------------------------------- classification
 
 
-def classify(source) -> str:
+def classify(source: TensorSource) -> str:
     """``adapter`` (most keys carry a LoRA/LyCORIS suffix), ``checkpoint`` (a known SD layout) or ``tensors``."""
     if getattr(source, "format", "") == "diffusers":
         return "checkpoint"
@@ -183,7 +183,7 @@ def classify(source) -> str:
 
 
 def _copy(
-    source,
+    source: TensorSource,
     out: Path,
     kind: str,
     dtype: str | None,
@@ -258,7 +258,7 @@ def _copy(
     )
 
 
-def _rehash_cast(metadata, source, kept, specs, alphas) -> dict[str, str]:
+def _rehash_cast(metadata, source: TensorSource, kept, specs, alphas) -> dict[str, str]:
     """kohya hashes of the tensors as written (cast to their planned dtypes)."""
     from ..metadata import with_hashes
 
@@ -302,7 +302,7 @@ def _out_shapes(target, naming: str, down: torch.Tensor, up: torch.Tensor, keep_
 
 
 def _convert_adapter(
-    source,
+    source: TensorSource,
     out: Path,
     to: str,
     dtype: str | None,
@@ -477,7 +477,7 @@ TARGETS = ("kohya", "peft", "diffusers", "ldm", "lora")
 
 
 def convert(
-    source,
+    source: TensorSource,
     out: str | os.PathLike,
     to: str | None = None,
     dtype: str | None = None,
@@ -547,7 +547,7 @@ def convert(
     return _copy(source, out, kind, dtype, prune, force, on_progress)
 
 
-def _convert_checkpoint(source, out, to, dtype, prune, arch, force, on_progress, prediction_type=None):
+def _convert_checkpoint(source: TensorSource, out, to, dtype, prune, arch, force, on_progress, prediction_type=None):
     """Full-checkpoint layout change (single file ↔ diffusers folder), done by loratool.convert_checkpoint."""
     if prune:
         raise LoratoolError(

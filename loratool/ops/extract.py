@@ -22,7 +22,7 @@ from ..arch.sd_checkpoint import solve_config
 from ..arch.sd_naming import all_modules
 from ..detect import detect_checkpoint
 from ..errors import LoratoolError, MappingError, listing
-from ..io.source import open_file
+from ..io.source import TensorSource, open_file
 from ..io.writer import check_output, container_for
 from ..metadata.kohya import base_model_fields, conv_network_args, dim_text, modelspec_fields, network_fields
 from ..progress import Progress
@@ -76,7 +76,7 @@ class _Pending:
 class _OneTensorCache:
     """Keeps the last tensor read, so the three row slices of a fused q/k/v weight cost one read."""
 
-    def __init__(self, source):
+    def __init__(self, source: TensorSource):
         self.source = source
         self.key: str | None = None
         self.value: torch.Tensor | None = None

@@ -11,6 +11,7 @@ exists on both sides.
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from ..detect import detect_checkpoint
 from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..io import stream
 from ..io.folder import FolderOutput
-from ..io.source import TensorSpec, open_file
+from ..io.source import TensorSource, TensorSpec, open_file
 from ..io.writer import SafetensorsWriter
 from ..progress import Progress
 
@@ -93,7 +94,7 @@ class _Item:
 
 
 def convert_checkpoint(
-    source,
+    source: str | os.PathLike | TensorSource,
     out: Path,
     to: str,
     arch: str | None = None,

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -34,7 +35,7 @@ from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..io import stream
 from ..io.folder import FolderOutput
 from ..io.output import open_writer
-from ..io.source import MODEL_SUFFIXES, TensorSpec
+from ..io.source import MODEL_SUFFIXES, TensorSource, TensorSpec
 from ..io.writer import SafetensorsWriter, check_output, container_for
 from ..metadata import parse_json_field
 from ..metadata.kohya import conv_network_args, dim_text, network_fields
@@ -201,7 +202,7 @@ def require_finite(adapters: Sequence[tuple[LoadedAdapter, float]], allow_nonfin
 
 
 def merge_into_checkpoint(
-    base_source,
+    base_source: TensorSource,
     adapters: Sequence[tuple[LoadedAdapter, float]],
     out: str | os.PathLike | None,
     *,
@@ -359,7 +360,7 @@ def _merge_blocked(tensor: torch.Tensor, assignments, mods, writer, name: str) -
     return out.reshape(tensor.shape)
 
 
-def _open_writers(stack: ExitStack, out: Path, base_source, out_specs, metadata, inputs, force: bool, folder: bool):
+def _open_writers(stack: ExitStack, out: Path, base_source: TensorSource, out_specs, metadata, inputs, force: bool, folder: bool):
     """key → (writer, name in that writer's file), every writer entered on ``stack``. One file for a
     single-file base (container from ``out``'s extension); for a diffusers base, an atomic folder with one
     file per component (``unet/diffusion_pytorch_model.safetensors``...) plus copies of its config files."""
@@ -400,7 +401,7 @@ def _recipe(adapters: Sequence[tuple[LoadedAdapter, float]], **extra) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
-def _checkpoint_metadata(base_source, adapters, te_ratio, unet_ratio, block_weights, out_dtype) -> dict[str, str]:
+def _checkpoint_metadata(base_source: TensorSource, adapters, te_ratio, unet_ratio, block_weights, out_dtype) -> dict[str, str]:
     meta = {k: v for k, v in base_source.metadata.items() if k not in ("modelspec.hash_sha256", "model_index")}
     base = Path(base_source.path).name
     meta[RECIPE_KEY] = _recipe(
@@ -443,8 +444,16 @@ class AdapterMergeReport:
 CONVERT_REL_TOL = 1e-6
 
 
-def _factors(module: AdapterModule, path: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], float, bool]:
-    """(up (out, r), down (r, in·kh·kw), down's trailing shape, scale, converted) in float32.
+class _Factors(NamedTuple):
+    up: torch.Tensor  # (out, r), float32
+    down: torch.Tensor  # (r, in·kh·kw), float32
+    tail: tuple[int, ...]  # down's trailing shape
+    scale: float
+    converted: bool  # refactored from a LoHa/LoKr/Tucker module
+
+
+def _factors(module: AdapterModule, path: str) -> _Factors:
+    """A module as plain LoRA factors for a LoRA+LoRA merge.
 
     Plain LoRA modules give their own factors and ``alpha/rank``. LoHa, LoKr and LoCon-Tucker modules go
     through :func:`loratool.adapters.to_lora_factors` (Tucker: exact; LoHa/LoKr: SVD of their ΔW to
@@ -457,8 +466,8 @@ def _factors(module: AdapterModule, path: str) -> tuple[torch.Tensor, torch.Tens
         )
     if module.family == "lora" and "mid" not in module.tensors:
         up, down = module.tensors["up"].float(), module.tensors["down"].float()
-        return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), tuple(down.shape[1:]), \
-            scale_of(module.family, module.tensors), False
+        return _Factors(up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), tuple(down.shape[1:]),
+                        scale_of(module.family, module.tensors), False)
     if module.family not in ("lora", "loha", "lokr"):
         raise LoratoolError(
             f"{path}: module {module.target.name} is a {module.family} module; LoRA+LoRA merges cannot take it",
@@ -467,7 +476,8 @@ def _factors(module: AdapterModule, path: str) -> tuple[torch.Tensor, torch.Tens
     from ..adapters import to_lora_factors
 
     down, up, alpha, _ = to_lora_factors(module, rel_tol=CONVERT_REL_TOL)
-    return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), tuple(down.shape[1:]), alpha / down.shape[0], True
+    return _Factors(up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), tuple(down.shape[1:]),
+                    alpha / down.shape[0], True)
 
 
 def merge_adapters(
