@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
-from .arch import ARCH_LABELS, ARCHES, Arch, CheckpointNaming, checkpoint_layout, shape_rules
-from .arch.sd import COMPONENT_LABELS, EMA_PREFIX, component_of_key
+from .arch import ARCH_LABELS, ARCHES, Arch, CheckpointNaming, checkpoint_layout, component_labels, component_of, shape_rules
+from .arch.sd import COMPONENT_LABELS, EMA_PREFIX
 from .errors import DetectionError
 from .io.source import TensorSpec
 
@@ -170,7 +170,7 @@ def match_component(specs: Mapping[str, TensorSpec]) -> list[ComponentMatch]:
         for naming in ("ldm", "diffusers"):
             groups: dict[str, dict[str, tuple[str, TensorSpec]]] = {}
             for k, spec in checkpoint_layout(arch, naming).items():
-                comp, rest = component_of_key(k)
+                comp, rest = component_of(arch, k)
                 if comp != "other":
                     groups.setdefault(comp, {})[k] = (rest, spec)
             for comp, group in groups.items():
@@ -241,7 +241,7 @@ def describe_other(specs: Mapping[str, TensorSpec]) -> OtherFile:
         )
         if tie:
             evidence += (f"fits {', '.join(sorted({best.arch, *(m.arch for m in tie)}))} equally well",)
-        description = f"{label}{COMPONENT_LABELS[best.component]} only, not a full checkpoint"
+        description = f"{label}{component_labels(best.arch)[best.component]} only, not a full checkpoint"
         return OtherFile(best.component, description, evidence, arch, best.naming)
     ranked = score_checkpoint(specs)
     best = ranked[0]
@@ -276,7 +276,7 @@ def detect_file(
     if ranked[0].score < MIN_SCORE or ranked[0].coverage < 0.9:
         # A file holding one component (UNet only, text encoder only) is not a checkpoint, however well it scores.
         what, description, evidence, part_arch, part_naming = describe_other(specs)
-        if ranked[0].score < MIN_SCORE or what in COMPONENT_LABELS:
+        if ranked[0].score < MIN_SCORE or what in COMPONENT_LABELS or what == "transformer":
             return FileDetection(
                 "other", part_arch, part_naming, None, None, _candidates(ranked), False, description, evidence, what
             )
@@ -288,7 +288,7 @@ def detect_file(
     )
     missing = missing_components(specs, best.arch, best.naming)
     if missing:
-        evidence += (f"no {', '.join(COMPONENT_LABELS[c] for c in missing)} weights in the file",)
+        evidence += (f"no {', '.join(component_labels(best.arch)[c] for c in missing)} weights in the file",)
     return FileDetection(
         "checkpoint",
         best.arch,
@@ -297,9 +297,20 @@ def detect_file(
         Candidate(runner.arch, runner.naming, runner.score) if runner else None,
         _candidates(ranked),
         arch is not None,
-        f"{ARCH_LABELS[best.arch]} {_NAMING_LABEL[best.naming]} checkpoint",
+        _checkpoint_description(best.arch, best.naming, specs),
         evidence,
     )
+
+
+def _checkpoint_description(arch: str, naming: str, specs: Mapping[str, TensorSpec]) -> str:
+    if arch == "flux1":
+        from .arch.flux import variant
+
+        img_in = specs.get("img_in.weight") or specs.get("transformer/x_embedder.weight")
+        kind = variant(specs, img_in.shape[1] if img_in is not None and len(img_in.shape) == 2 else None)
+        layout = "BFL single-file" if naming == "ldm" else "diffusers"
+        return f"FLUX.1-{kind} {layout} transformer"
+    return f"{ARCH_LABELS[arch]} {_NAMING_LABEL[naming]} checkpoint"
 
 
 def missing_components(specs: Mapping[str, TensorSpec], arch: str, naming: str) -> list[str]:
@@ -307,12 +318,12 @@ def missing_components(specs: Mapping[str, TensorSpec], arch: str, naming: str) 
     total: dict[str, int] = {}
     present: dict[str, int] = {}
     for k in checkpoint_layout(arch, naming):
-        comp = component_of_key(k)[0]
+        comp = component_of(arch, k)[0]
         if comp == "other":
             continue
         total[comp] = total.get(comp, 0) + 1
         present[comp] = present.get(comp, 0) + (k in specs)
-    return [c for c in COMPONENT_LABELS if c in total and present[c] < total[c] / 2]
+    return [c for c in component_labels(arch) if c in total and present[c] < total[c] / 2]
 
 
 def _candidates(ranked: list[CheckpointMatch]) -> tuple[Candidate, ...]:

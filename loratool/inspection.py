@@ -19,16 +19,15 @@ from pathlib import Path
 from . import dtypes
 from .adapters import AdapterIndex, AdapterModule, delta_norm_sq, rank_of, sized_index
 from .adapters.families import is_dora, is_tucker
-from .arch import ARCH_LABELS, checkpoint_layout, kohya_modules, standard_config
+from .arch import ARCH_LABELS, checkpoint_layout, component_of, kohya_modules, standard_config
 from .detect import FileDetection, detect_file
-from .detect import component_of_key as _component_and_rest
 from .errors import LoratoolError
 from .io.source import TensorSource, TensorSpec, open_file
 from .metadata import HashReport, TrainingField, Triggers, hash_report, training_summary, trigger_words
 from .progress import Progress
 
 SCHEMA = "loratool.inspect/2"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae", "other")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae", "other")
 FAMILY_LABELS = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "full": "full diff"}
 
 
@@ -177,7 +176,7 @@ def inspect_source(
             where = det.arch or "SD1/SD2/SDXL"
             warnings.append(f"{len(index.unmapped)} keys map to no {where} module (listed under 'unmapped')")
     else:
-        components = _checkpoint_components(specs)
+        components = _checkpoint_components(specs, det.arch)
     path = Path(source.path)
     file_size = _size(path)
     do_hash = (det.kind == "adapter") if hashes is None else hashes
@@ -232,16 +231,16 @@ def _size(path: Path) -> int:
     return 0
 
 
-def component_of_key(key: str) -> str:
-    """Component of a checkpoint key: ``unet``, ``text_encoder``, ``text_encoder_2``, ``vae`` or ``other``."""
-    comp = _component_and_rest(key)[0]
+def component_of_key(key: str, arch: str | None = None) -> str:
+    """Component of a checkpoint key: ``unet`` / ``transformer``, ``text_encoder``, ``text_encoder_2``, ``vae`` or ``other``."""
+    comp = component_of(arch or "sd1", key)[0]
     if comp == "other" and key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")):
         return "vae"
     return comp
 
 
-def _checkpoint_components(specs: Mapping[str, TensorSpec]) -> dict[str, int]:
-    counts = Counter(component_of_key(k) for k in specs)
+def _checkpoint_components(specs: Mapping[str, TensorSpec], arch: str | None) -> dict[str, int]:
+    counts = Counter(component_of_key(k, arch) for k in specs)
     return {c: counts[c] for c in COMPONENTS if counts.get(c)}
 
 

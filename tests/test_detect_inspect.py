@@ -7,7 +7,7 @@ import torch
 from support.synth import checkpoint_specs
 
 from loratool import dtypes
-from loratool.arch import ARCHES, adapter_layout, adapter_layout_names, checkpoint_layout, kohya_modules
+from loratool.arch import ARCHES, SD_ARCHES, adapter_layout, adapter_layout_names, checkpoint_layout, kohya_modules
 from loratool.detect import detect_file
 from loratool.errors import DetectionError
 from loratool.inspection import inspect_source
@@ -57,7 +57,7 @@ EXPECTED_FAMILY = {
     "lycoris-loha": "LoHa",
     "lycoris-lokr": "LoKr",
 }
-ADAPTER_TABLES = [(a, n) for a in ARCHES for n in adapter_layout_names(a)]
+ADAPTER_TABLES = [(a, n) for a in SD_ARCHES for n in adapter_layout_names(a)]  # FLUX: tests/test_flux.py
 
 
 @pytest.mark.parametrize("arch,naming", ADAPTER_TABLES)
@@ -252,7 +252,7 @@ def test_lycoris_fixtures(fixtures, name, family, dora, tucker):
     assert sum(b.modules for b in r.stats.blocks) == r.adapter.modules
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", SD_ARCHES)  # a FLUX transformer file alone is the checkpoint
 @pytest.mark.parametrize("naming", ["ldm", "diffusers"])
 def test_single_component_files_are_other_with_arch(arch, naming):
     specs = checkpoint_specs(arch, naming, 64)

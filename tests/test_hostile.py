@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loratool.adapters import index_adapter, split_key
-from loratool.arch import ARCHES
+from loratool.arch import ARCHES, SD_ARCHES
 from loratool.arch.sd_naming import all_modules
 from loratool.errors import FormatError, LoratoolError, UnsafePickleError
 from loratool.io.source import open_file
@@ -191,7 +191,7 @@ def test_fuzz_key_mapper_accounts_for_every_key(keys):
         assert sorted(mapped + idx.unmapped) == sorted(keys)
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", SD_ARCHES)  # FLUX's module names: tests/test_flux.py
 def test_key_mapper_round_trips_every_module(arch):
     for target in all_modules(arch).values():
         for key, role in ((f"{target.name}.lora_down.weight", "down"), (f"{target.peft_module}.lora_B.weight", "up")):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loratool.adapters import best_arch, index_adapter
-from loratool.arch import _FILE_PREFIX, ARCHES, _read, adapter_layout, adapter_layout_names, checkpoint_layout, kohya_modules
+from loratool.arch import _FILE_PREFIX, SD_ARCHES, _read, adapter_layout, adapter_layout_names, checkpoint_layout, kohya_modules
 from loratool.arch.sd_checkpoint import (
     KeyLink,
     checkpoint_links,
@@ -18,7 +18,7 @@ from loratool.arch.sd_checkpoint import (
 from loratool.arch.sd_naming import all_modules, generated_modules, lycoris_modules, module_index
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", SD_ARCHES)
 def test_every_table_key_is_linked_or_one_sided(arch):
     links = checkpoint_links(arch)
     ldm, dif = checkpoint_layout(arch, "ldm"), checkpoint_layout(arch, "diffusers")
@@ -45,7 +45,7 @@ def test_one_sided_counts_match_the_reference_notes():
     }
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", SD_ARCHES)
 def test_shapes_agree_after_transform(arch):
     ldm, dif = checkpoint_layout(arch, "ldm"), checkpoint_layout(arch, "diffusers")
     for lk in checkpoint_links(arch).links:
@@ -57,7 +57,7 @@ def test_shapes_agree_after_transform(arch):
                                                for i in range(3)]
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", SD_ARCHES)
 def test_round_trip_on_names_is_identity(arch):
     links = checkpoint_links(arch)
     for key in checkpoint_layout(arch, "ldm"):
@@ -106,7 +106,7 @@ def _mapping_rows(arch):
             yield line.split("\t")
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", SD_ARCHES)
 def test_links_agree_with_kohya_mapping_tables(arch):
     by_dif = checkpoint_links(arch).by_diffusers
     n = 0
@@ -121,7 +121,7 @@ def test_links_agree_with_kohya_mapping_tables(arch):
 # ----------------------------------------------------------------------------- module names
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", SD_ARCHES)
 def test_module_names_unique_and_kohya_is_subset(arch):
     mods = all_modules(arch)
     gen = generated_modules(arch)
@@ -139,7 +139,7 @@ def test_module_names_unique_and_kohya_is_subset(arch):
             assert arch == "sd2" and name.endswith(("_proj_in", "_proj_out")) and (g.kind, target.kind) == ("linear", "conv1x1")
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", SD_ARCHES)
 def test_all_modules_cover_every_adaptable_weight(arch):
     ldm = checkpoint_layout(arch, "ldm")
     covered = {(t.address, t.rows) for t in all_modules(arch).values()}
@@ -166,7 +166,7 @@ def test_module_counts_and_names():
     assert lycoris_modules("sdxl") == kohya_modules("sdxl")
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", SD_ARCHES)
 def test_every_adapter_table_maps_completely(arch):
     names = adapter_layout_names(arch)
     assert names
@@ -183,7 +183,7 @@ def test_lycoris_tables_are_exactly_the_full_preset():
         assert modules == set(lycoris_modules("sd1"))
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", SD_ARCHES)
 def test_module_index_knows_kohya_and_peft_names(arch):
     index = module_index(arch)
     for target in all_modules(arch).values():

@@ -22,9 +22,8 @@ if TYPE_CHECKING:
 
     from ..io.source import TensorSource
 
-from ..arch import ARCHES, Arch, ModuleTarget, shape_rules
+from ..arch import ARCHES, Arch, ModuleTarget, module_index, shape_rules
 from ..arch.dims import Solution
-from ..arch.sd_naming import module_index
 from ..errors import DetectionError, InternalError, MappingError, listing
 from ..metadata.kohya import arch_from_metadata
 from .families import AdapterModule, FamilyName, _prod, factor_problem, family_of
@@ -123,7 +122,8 @@ def _native_module_names(module: str, naming: str) -> list[str]:
     # PEFT files saved from a bare UNet carry ``base_model.model.`` instead of the component prefix.
     names = [module]
     if module.startswith("base_model.model."):
-        names.append("unet." + module[len("base_model.model."):])
+        rest = module[len("base_model.model."):]
+        names += ["unet." + rest, "transformer." + rest]
     return names
 
 

@@ -21,13 +21,24 @@ from typing import Literal
 from ..io.source import TensorSpec
 from .dims import ShapeConfig, ShapeRules
 
-Arch = Literal["sd1", "sd2", "sdxl"]
+Arch = Literal["sd1", "sd2", "sdxl", "flux1"]
 CheckpointNaming = Literal["ldm", "diffusers"]  # single file (LDM/SGM keys) or diffusers folder (component/key)
 LayerKind = Literal["linear", "conv1x1", "conv3x3"]
 
-ARCHES: tuple[Arch, ...] = ("sd1", "sd2", "sdxl")
-ARCH_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-_FILE_PREFIX = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
+ARCHES: tuple[Arch, ...] = ("sd1", "sd2", "sdxl", "flux1")
+SD_ARCHES: tuple[Arch, ...] = ("sd1", "sd2", "sdxl")
+ARCH_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux1": "FLUX.1"}
+_FILE_PREFIX = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl", "flux1": "flux1"}
+# tables whose names do not follow ``{prefix}-{naming}.tsv``
+_TABLE_NAMES = {
+    ("flux1", "ldm"): "flux1-dev-bfl.tsv",
+    ("flux1", "diffusers"): "flux1-dev-diffusers.tsv",
+    ("flux1", "lora-kohya-to-ldm"): "flux1-lora-kohya-to-bfl.tsv",
+}
+
+
+def _table(arch: str, naming: str) -> str:
+    return _TABLE_NAMES.get((arch, naming), f"{_FILE_PREFIX[arch]}-{naming}.tsv")
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,7 @@ class ModuleTarget:
         """This target in a model of shape config ``config`` (shape and row slice moved there)."""
         rules = shape_rules(config.arch)
         rows = None if self.rows is None else rules.rows(self.component, self.rows, config)
-        return replace(self, rows=rows, shape=rules.shape(self.component, self.shape, config))
+        return replace(self, rows=rows, shape=rules.shape(self.component, self.shape, config, self.address))
 
     @property
     def peft_module(self) -> str:
@@ -80,9 +91,40 @@ class ModuleTarget:
 
 def shape_rules(arch: str) -> ShapeRules:
     """How every tensor size of ``arch`` follows from its shape config (:mod:`.dims`)."""
+    if arch == "flux1":
+        from . import flux
+
+        return flux.shape_rules()
     from .sd import shape_rules as sd_rules
 
     return sd_rules(arch)
+
+
+def component_of(arch: str, key: str) -> tuple[str, str]:
+    """``(component, key without its component prefix)`` of a checkpoint key of ``arch``."""
+    if arch == "flux1":
+        from .flux import component_of_key
+    else:
+        from .sd import component_of_key
+    return component_of_key(key)
+
+
+def component_labels(arch: str) -> dict[str, str]:
+    """Component → display name (``unet`` → ``UNet``, ``transformer`` → ``transformer``...)."""
+    if arch == "flux1":
+        from .flux import COMPONENT_LABELS
+    else:
+        from .sd import COMPONENT_LABELS
+    return COMPONENT_LABELS
+
+
+def module_index(arch: str) -> dict[str, tuple[str, ModuleTarget]]:
+    """Every native adapter module name of ``arch`` → (naming, target)."""
+    if arch == "flux1":
+        from .flux_naming import module_index as index
+    else:
+        from .sd_naming import module_index as index
+    return index(arch)
 
 
 def standard_config(arch: str) -> ShapeConfig:
@@ -92,11 +134,9 @@ def standard_config(arch: str) -> ShapeConfig:
 
 def layout_in(arch: str, naming: str, config: ShapeConfig) -> dict[str, TensorSpec]:
     """:func:`checkpoint_layout` with every shape moved to ``config``."""
-    from .sd import component_of_key
-
     rules = shape_rules(arch)
     return {
-        k: TensorSpec(rules.shape(component_of_key(k)[0], s.shape, config), s.dtype)
+        k: TensorSpec(rules.shape(component_of(arch, k)[0], s.shape, config, k), s.dtype)
         for k, s in checkpoint_layout(arch, naming).items()
     }
 
@@ -126,14 +166,14 @@ def checkpoint_layout(arch: str, naming: str = "ldm") -> dict[str, TensorSpec]:
 
     Diffusers keys are ``component/key``. Float dtypes are listed as F16 (an fp16 release).
     """
-    return read_table(f"{_FILE_PREFIX[arch]}-{naming}.tsv")
+    return read_table(_table(arch, naming))
 
 
 @cache
 def kohya_modules(arch: str) -> dict[str, ModuleTarget]:
     """kohya module name → :class:`ModuleTarget` for the kohya default + ``conv_dim`` network."""
     out: dict[str, ModuleTarget] = {}
-    for line in _read(f"{_FILE_PREFIX[arch]}-lora-kohya-to-ldm.tsv").splitlines():
+    for line in _read(_table(arch, "lora-kohya-to-ldm")).splitlines():
         if not line:
             continue
         name, kind, address, rows, shape, dkey = line.split("\t")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cached_property
 
@@ -93,6 +93,10 @@ class ShapeRules:
     arch: str
     dims: tuple[Dim, ...]
     standard: Mapping[str, int]
+    by_key: Mapping[str, Mapping[int, tuple[str, int]]] = field(default_factory=dict)
+    """Exceptions to the size map for single tensors: key → dim index → (dimension, multiple). FLUX's
+    ``img_in`` input width is its own dimension (Fill and Depth widen it) although it equals the output
+    width in the released model."""
 
     @cached_property
     def standard_config(self) -> ShapeConfig:
@@ -114,8 +118,10 @@ class ShapeRules:
                     sizes[size] = (d.name, m)
         return out
 
-    def term(self, component: str, size: int) -> tuple[str, int] | None:
+    def term(self, component: str, size: int, key: str | None = None, dim: int | None = None) -> tuple[str, int] | None:
         """``(dimension, multiple)`` a standard size of ``component`` is made of, or None for a constant."""
+        if key is not None and dim is not None and key in self.by_key and dim in self.by_key[key]:
+            return self.by_key[key][dim]
         return self._size_map.get(component, {}).get(size)
 
     def size(self, component: str, size: int, config: ShapeConfig) -> int:
@@ -123,27 +129,31 @@ class ShapeRules:
         t = self.term(component, size)
         return size if t is None else config[t[0]] * t[1]
 
-    def shape(self, component: str, shape: Iterable[int], config: ShapeConfig) -> tuple[int, ...]:
-        """A standard shape (from the key table) in ``config``."""
-        return tuple(self.size(component, s, config) for s in shape)
+    def shape(self, component: str, shape: Iterable[int], config: ShapeConfig, key: str | None = None) -> tuple[int, ...]:
+        """A standard shape (from the key table; ``key`` for the per-tensor exceptions) in ``config``."""
+        out = []
+        for i, s in enumerate(shape):
+            t = self.term(component, s, key, i)
+            out.append(s if t is None else config[t[0]] * t[1])
+        return tuple(out)
 
     def rows(self, component: str, rows: tuple[int, int], config: ShapeConfig) -> tuple[int, int]:
         """A fused-row slice (standard bounds, e.g. ``(1024, 2048)`` = width..2·width) in ``config``."""
         return self.size(component, rows[0], config), self.size(component, rows[1], config)
 
-    def _terms(self, component: str, std: tuple[int, ...], actual: tuple[int, ...]):
+    def _terms(self, component: str, std: tuple[int, ...], actual: tuple[int, ...], key: str | None = None):
         """``(dimension, value)`` votes of one tensor: each size a dimension explains, divided by its multiple."""
         if len(std) != len(actual):
             return []
         out = []
-        for s, a in zip(std, actual):
-            t = self.term(component, s)
+        for i, (s, a) in enumerate(zip(std, actual)):
+            t = self.term(component, s, key, i)
             if t is not None and a > 0 and a % t[1] == 0:
                 out.append((t[0], a // t[1]))
         return out
 
-    def solve(self, observations: Iterable[tuple[str, Iterable[int], Iterable[int]]]) -> Solution:
-        """Read the config off ``(component, standard shape, actual shape)`` triples.
+    def solve(self, observations: Iterable[tuple]) -> Solution:
+        """Read the config off ``(component, standard shape, actual shape[, key])`` tuples.
 
         Each size that a dimension explains votes ``actual / multiple`` for it (sizes that do not divide
         evenly vote for nothing and fail the later shape check); the majority wins, the standard value
@@ -151,17 +161,19 @@ class ShapeRules:
         """
         votes: dict[str, Counter[int]] = {}
         ratios: Counter[Fraction] = Counter()
-        for comp, std, actual in observations:
-            for name, value in self._terms(comp, tuple(std), tuple(actual)):
+        for comp, std, actual, *key in observations:
+            for name, value in self._terms(comp, tuple(std), tuple(actual), key[0] if key else None):
                 votes.setdefault(name, Counter())[value] += 1
                 ratios[Fraction(self.standard[name], value)] += 1
         chosen = {name: max(c, key=lambda v: (c[v], v == self.standard[name])) for name, c in votes.items()}
         ratio = max(ratios, key=lambda r: (ratios[r], r == 1)) if ratios else Fraction(1)
         return Solution(self.standard_config.replace(**chosen), frozenset(chosen), ratio)
 
-    def in_proportion(self, solution: Solution, component: str, std: Iterable[int], actual: Iterable[int]) -> bool:
+    def in_proportion(
+        self, solution: Solution, component: str, std: Iterable[int], actual: Iterable[int], key: str | None = None
+    ) -> bool:
         """Do one tensor's sizes all keep the solution's common ratio to the standard?"""
         return all(
             Fraction(self.standard[name], value) == solution.ratio
-            for name, value in self._terms(component, tuple(std), tuple(actual))
+            for name, value in self._terms(component, tuple(std), tuple(actual), key)
         )
