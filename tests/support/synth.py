@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from loratool import dtypes
-from loratool.arch import ModuleTarget, checkpoint_layout, kohya_modules, shape_rules, standard_config
+from loratool.arch import ModuleTarget, checkpoint_layout, component_of, kohya_modules, shape_rules, standard_config
 from loratool.arch.dims import ShapeConfig
-from loratool.arch.sd import component_of_key
 from loratool.io.source import TensorSpec
 from loratool.io.writer import SafetensorsWriter
 
@@ -35,9 +34,18 @@ def scaled_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
     return tuple(scaled(d, factor) for d in shape)
 
 
+# A small genuine FLUX.1 config: 4 heads × 16 wide (RoPE axes 4+6+6), T5 width 32, CLIP pooled 16, and the
+# released 64-wide packed latent; 19 double and 38 single blocks as released.
+FLUX_SMALL = {"hidden_size": 64, "head_dim": 16, "context_dim": 32, "pooled_dim": 16, "text_width": 12,
+              "t5_width": 32, "t5_ff": 80}  # fmt: skip
+
+
 def tiny_config(arch: str, factor: int) -> ShapeConfig:
-    """``arch``'s shape config with every width divided by ``factor`` (1: the released model)."""
+    """``arch``'s shape config with every width divided by ``factor`` (1: the released model). FLUX.1 at any
+    factor > 1 is :data:`FLUX_SMALL` (its widths must stay multiples of the head size)."""
     std = standard_config(arch)
+    if arch == "flux1" and factor > 1:
+        return std.replace(**FLUX_SMALL)
     return std.replace(**{k: scaled(v, factor) for k, v in std.values})
 
 
@@ -73,9 +81,9 @@ def checkpoint_specs(arch: str, naming: str = "ldm", factor: int = 64, dtype: st
     rules, config = shape_rules(arch), tiny_config(arch, factor)
     for key, spec in checkpoint_layout(arch, naming).items():
         dt = spec.dtype
-        if dtype and dt == "F16":
+        if dtype and dt in ("F16", "BF16"):  # model weights (SD tables: F16, FLUX: BF16); schedules keep F32
             dt = dtype
-        out[key] = TensorSpec(rules.shape(component_of_key(key)[0], spec.shape, config), dt)
+        out[key] = TensorSpec(rules.shape(component_of(arch, key)[0], spec.shape, config, key), dt)
     return out
 
 
@@ -128,7 +136,7 @@ def iter_lora(
     seed: int = 0,
     naming: str = "kohya",
     dtype: str = "F16",
-    components: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2"),
+    components: tuple[str, ...] = ("unet", "transformer", "text_encoder", "text_encoder_2"),
     modules: dict[str, ModuleTarget] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) of a synthetic LoRA over every module of ``arch`` (kohya default + conv).
@@ -190,7 +198,7 @@ def _factor_pair(dim: int, factor: int) -> tuple[int, int]:
     return 1, dim
 
 
-_ALL_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_ALL_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 def make_loha(

@@ -1,0 +1,132 @@
+"""FLUX.1: detection from the reference tables, module names, shape config, and merges on fused row slices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support.synth import FLUX_SMALL, iter_lora, make_lora, tiny_config, write_checkpoint
+
+from loratool.arch import adapter_layout, adapter_layout_names, checkpoint_layout, kohya_modules, shape_rules
+from loratool.arch.flux import component_of_key
+from loratool.arch.flux_naming import module_index, split_modules
+from loratool.cli import main
+from loratool.detect import detect_file
+from loratool.io.output import save_tensors
+from loratool.io.source import TensorSpec, open_file
+
+H = FLUX_SMALL["hidden_size"]
+
+
+def lora_delta_ref(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """ΔW of a linear LoRA module, written out: Σ_r up[o, r] · down[r, i]."""
+    return torch.einsum("or,ri->oi", up.double(), down.double()).float()
+
+
+@pytest.mark.parametrize("naming", ["ldm", "diffusers"])
+def test_released_transformer_tables_are_flux_dev(naming):
+    det = detect_file(checkpoint_layout("flux1", naming))
+    assert (det.kind, det.arch, det.naming) == ("checkpoint", "flux1", naming)
+    assert det.description.startswith("FLUX.1-dev ")
+
+
+def test_schnell_fill_and_depth_are_named():
+    schnell = detect_file({k: TensorSpec(tuple(int(x) for x in s.split(",")), "BF16")
+                           for k, s in (line.split("\t")[:2] for line in _lines("flux1-schnell-bfl.tsv"))})
+    assert schnell.description.startswith("FLUX.1-schnell ")
+    for width, name in ((384, "fill"), (128, "depth")):
+        specs = dict(checkpoint_layout("flux1", "ldm"))
+        specs["img_in.weight"] = TensorSpec((3072, width), "BF16")
+        assert detect_file(specs).description.startswith(f"FLUX.1-{name} ")
+        sol = shape_rules("flux1").solve(("transformer", checkpoint_layout("flux1", "ldm")[k].shape, s.shape, k)
+                                         for k, s in specs.items())
+        assert sol.config["in_channels"] == width and sol.config["out_channels"] == 64
+
+
+def _lines(name):
+    from loratool.arch import _read
+
+    return [line for line in _read(name).splitlines() if line]
+
+
+@pytest.mark.parametrize("naming", adapter_layout_names("flux1"))
+def test_every_flux_adapter_table_maps(naming):
+    specs = adapter_layout("flux1", naming)
+    det = detect_file(specs)
+    assert (det.kind, det.arch) == ("adapter", "flux1")
+    index = det.adapter_index
+    mapped = [k for roles in index.modules.values() for k in roles.values()]
+    assert sorted(mapped + index.unmapped) == sorted(specs)
+    # the only keys without a target: PEFT's norm_out.linear (its shift/scale halves are swapped in BFL)
+    assert all(".norm_out.linear." in k for k in index.unmapped), index.unmapped[:3]
+    assert len(index.unmapped) == (2 if naming == "lora-peft-all-linear" else 0)
+
+
+def test_fused_and_split_targets_follow_the_tables():
+    qkv = kohya_modules("flux1")["lora_unet_double_blocks_3_img_attn_qkv"]
+    assert (qkv.address, qkv.rows, qkv.shape) == ("double_blocks.3.img_attn.qkv.weight", None, (9216, 3072))
+    split = split_modules()
+    k = split["lora_transformer_transformer_blocks_3_attn_to_k"]
+    assert (k.address, k.rows) == ("double_blocks.3.img_attn.qkv.weight", (3072, 6144))
+    mlp = split["lora_transformer_single_transformer_blocks_5_proj_mlp"]
+    assert (mlp.address, mlp.rows) == ("single_blocks.5.linear1.weight", (9216, 21504))
+    add_v = module_index()["transformer.transformer_blocks.0.attn.add_v_proj"][1]
+    assert (add_v.address, add_v.rows) == ("double_blocks.0.txt_attn.qkv.weight", (6144, 9216))
+    comfy = module_index()["diffusion_model.single_blocks.2.linear1"][1]
+    assert comfy.name == "lora_unet_single_blocks_2_linear1"
+    # in the small config: q/k/v are H rows each, the MLP 4H
+    small = tiny_config("flux1", 64)
+    assert k.sized(small).rows == (H, 2 * H) and mlp.sized(small).rows == (3 * H, 7 * H)
+    assert component_of_key("model.diffusion_model.double_blocks.0.img_mod.lin.weight")[0] == "transformer"
+    assert component_of_key("text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight")[0] == "text_encoder_2"
+
+
+@pytest.fixture(scope="module")
+def flux_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("flux")
+    write_checkpoint(d / "base.safetensors", "flux1", factor=64, dtype="F32")
+    kohya = make_lora("flux1", rank=4, alpha=2.0, components=("transformer",), dtype="F32")
+    save_tensors(d / "kohya.safetensors", kohya)
+    peft = dict(iter_lora("flux1", rank=3, naming="peft", modules=split_modules(), dtype="F32", components=("transformer",)))
+    save_tensors(d / "peft.safetensors", peft)
+    return d, kohya, peft
+
+
+def test_merge_kohya_and_peft_into_bfl_equals_the_formula(flux_files):
+    d, kohya, peft = flux_files
+    out = d / "merged.safetensors"
+    assert main(["merge", str(d / "base.safetensors"), f"{d / 'kohya.safetensors'}:0.8", f"{d / 'peft.safetensors'}:-0.5",
+                 "-o", str(out)]) == 0
+    with open_file(d / "base.safetensors") as b, open_file(out) as m:
+        # kohya fused module: the whole img_attn.qkv of double block 7 (3H rows), scale alpha/rank = 2/4
+        key = "double_blocks.7.img_attn.qkv.weight"
+        want = b.get(key).clone()
+        n = "lora_unet_double_blocks_7_img_attn_qkv"
+        want += 0.8 * 0.5 * lora_delta_ref(kohya[f"{n}.lora_up.weight"], kohya[f"{n}.lora_down.weight"])
+        # PEFT split modules on the same tensor: to_q rows [0:H], to_k [H:2H], to_v [2H:3H]; no alpha ⇒ scale 1
+        for part, (lo, hi) in (("to_q", (0, H)), ("to_k", (H, 2 * H)), ("to_v", (2 * H, 3 * H))):
+            p = f"transformer.transformer_blocks.7.attn.{part}"
+            want[lo:hi] += -0.5 * lora_delta_ref(peft[f"{p}.lora_B.weight"], peft[f"{p}.lora_A.weight"])
+        torch.testing.assert_close(m.get(key), want, rtol=1e-5, atol=1e-6)
+        # single block linear1: PEFT proj_mlp is rows [3H:7H]; the kohya module covers all 7H rows
+        key = "single_blocks.11.linear1.weight"
+        want = b.get(key).clone()
+        n = "lora_unet_single_blocks_11_linear1"
+        want += 0.8 * 0.5 * lora_delta_ref(kohya[f"{n}.lora_up.weight"], kohya[f"{n}.lora_down.weight"])
+        p = "transformer.single_transformer_blocks.11.proj_mlp"
+        want[3 * H: 7 * H] += -0.5 * lora_delta_ref(peft[f"{p}.lora_B.weight"], peft[f"{p}.lora_A.weight"])
+        for part, (lo, hi) in (("to_q", (0, H)), ("to_k", (H, 2 * H)), ("to_v", (2 * H, 3 * H))):
+            p = f"transformer.single_transformer_blocks.11.attn.{part}"
+            want[lo:hi] += -0.5 * lora_delta_ref(peft[f"{p}.lora_B.weight"], peft[f"{p}.lora_A.weight"])
+        torch.testing.assert_close(m.get(key), want, rtol=1e-5, atol=1e-6)
+        # a weight no module targets is byte-identical
+        assert torch.equal(m.get("final_layer.adaLN_modulation.1.weight"), b.get("final_layer.adaLN_modulation.1.weight"))
+
+
+def test_flux_lora_for_another_width_is_refused(flux_files, tmp_path, capsys):
+    d, _, _ = flux_files
+    wide = make_lora("flux1", rank=2, factor=32, components=("transformer",), dtype="F32")  # the small config again
+    wide = {k: (torch.cat([v, v], dim=-1) if k.endswith("lora_down.weight") else v) for k, v in wide.items()}
+    save_tensors(tmp_path / "wide.safetensors", wide)
+    rc = main(["merge", str(d / "base.safetensors"), str(tmp_path / "wide.safetensors"), "-o", str(tmp_path / "o.safetensors")])
+    assert rc == 2
+    assert not (tmp_path / "o.safetensors").exists()
