@@ -77,3 +77,38 @@ def module_index(arch: str = "flux1") -> dict[str, tuple[str, ModuleTarget]]:
         add(target.name, "kohya", target)
         add(target.peft_module, "peft", target)
     return out
+
+
+@cache
+def checkpoint_links():
+    """The BFL ↔ diffusers transformer bijection, straight from ``flux1-diffusers-to-bfl.tsv`` (q/k/v and the
+    single blocks' MLP input as row slices of the fused BFL tensors; ``norm_out`` with its halves swapped)."""
+    from .sd_checkpoint import CheckpointLinks, KeyLink
+
+    order = {k: i for i, k in enumerate(sorted({row[1] for row in links()}))}
+    rows = sorted(links(), key=lambda r: (order[r[1]], r[2] or (0, 0)))
+    return CheckpointLinks(
+        "flux1", tuple(KeyLink(b, d, r, t or None) for d, b, r, t, _, _ in rows), {}, {}
+    )
+
+
+def flux_transformer_config(config, guidance: bool) -> dict:
+    """diffusers ``FluxTransformer2DModel`` config of a transformer in shape config ``config``."""
+    heads = config["hidden_size"] // config["head_dim"]
+    d = config["head_dim"]
+    # RoPE axes: (t, h, w) dims summing to the head size, as released (16, 56, 56) for 128
+    axes = (16, 56, 56) if d == 128 else (d // 4, d * 3 // 8, d - d // 4 - d * 3 // 8)
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "attention_head_dim": d,
+        "axes_dims_rope": list(axes),
+        "guidance_embeds": guidance,
+        "in_channels": config["in_channels"],
+        "out_channels": config["out_channels"],
+        "joint_attention_dim": config["context_dim"],
+        "num_attention_heads": heads,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "patch_size": 1,
+        "pooled_projection_dim": config["pooled_dim"],
+    }

@@ -29,11 +29,11 @@ from dataclasses import dataclass, replace
 from functools import cache, cached_property
 
 from ..io.source import TensorSpec
-from . import checkpoint_layout, shape_rules
+from . import checkpoint_layout, component_of, shape_rules
 from .dims import ShapeConfig
-from .sd import EMA_PREFIX, component_of_key
+from .sd import EMA_PREFIX
 
-TRANSFORMS = ("conv1x1_linear", "transpose")
+TRANSFORMS = ("conv1x1_linear", "transpose", "swap_halves")
 
 
 @dataclass(frozen=True)
@@ -371,6 +371,12 @@ def _translator(arch: str) -> _Translator:
 
 
 def one_sided_reason(arch: str, key: str, naming: str) -> str | None:
+    if arch == "flux1":
+        return None  # every BFL transformer key has its diffusers counterpart
+    return _sd_one_sided_reason(arch, key, naming)
+
+
+def _sd_one_sided_reason(arch: str, key: str, naming: str) -> str | None:
     """Why ``key`` (in ``naming`` ``ldm`` or ``diffusers``) has no counterpart, or None when it should have one."""
     t = _translator(arch)
     return _reason(key, t.ldm_only if naming == "ldm" else t.diffusers_only)
@@ -390,8 +396,17 @@ def ldm_link(arch: str, diffusers_key: str) -> KeyLink | None:
     return _translator(arch).to_ldm(diffusers_key)
 
 
-@cache
 def checkpoint_links(arch: str) -> CheckpointLinks:
+    """:func:`sd_links` for SD, the table-given bijection for FLUX.1 (:func:`.flux_naming.checkpoint_links`)."""
+    if arch == "flux1":
+        from .flux_naming import checkpoint_links as flux_links
+
+        return flux_links()
+    return sd_links(arch)
+
+
+@cache
+def sd_links(arch: str) -> CheckpointLinks:
     """The generated single-file ↔ diffusers bijection over every key of ``arch``'s reference layouts.
 
     Links come from the forward rules applied to the single-file table; one-sided keys of both
@@ -424,14 +439,14 @@ def linked_shape(link: KeyLink, ldm_shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(ldm_shape[:2])
     if link.transform == "transpose":
         return tuple(reversed(ldm_shape))
-    return tuple(ldm_shape)
+    return tuple(ldm_shape)  # swap_halves keeps the shape
 
 
 def sized_link(link: KeyLink, config: ShapeConfig) -> KeyLink:
     """``link`` in a model of shape config ``config`` (its fused-row slice moved there)."""
     if link.rows is None:
         return link
-    rows = shape_rules(config.arch).rows(component_of_key(link.ldm_key)[0], link.rows, config)
+    rows = shape_rules(config.arch).rows(component_of(config.arch, link.ldm_key)[0], link.rows, config)
     return replace(link, rows=rows)
 
 
@@ -439,7 +454,7 @@ def solve_config(arch: str, specs: Mapping[str, TensorSpec], naming: str = "ldm"
     """The shape config of a checkpoint of ``arch`` in ``naming``, read off its tensors' shapes."""
     layout = checkpoint_layout(arch, naming)
     return shape_rules(arch).solve(
-        (component_of_key(k)[0], layout[k].shape, s.shape) for k, s in specs.items() if k in layout
+        (component_of(arch, k)[0], layout[k].shape, s.shape, k) for k, s in specs.items() if k in layout
     ).config
 
 

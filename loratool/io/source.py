@@ -235,7 +235,7 @@ _COMPONENT_FILES = (
     "diffusion_pytorch_model.fp16.bin",
     "pytorch_model.fp16.bin",
 )
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae")
 
 
 @dataclass

@@ -31,11 +31,12 @@ from ..progress import Progress
 
 _WEIGHT_FILES = {
     "unet": "diffusion_pytorch_model.safetensors",
+    "transformer": "diffusion_pytorch_model.safetensors",
     "vae": "diffusion_pytorch_model.safetensors",
     "text_encoder": "model.safetensors",
     "text_encoder_2": "model.safetensors",
 }
-_COMPONENT_ORDER = ("unet", "text_encoder", "text_encoder_2", "vae")
+_COMPONENT_ORDER = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae")
 
 
 
@@ -267,7 +268,16 @@ def _to_diffusers(lk: KeyLink):
         return lambda w: w.reshape(w.shape[0], w.shape[1])
     if lk.transform == "transpose":
         return lambda w: w.t()
+    if lk.transform == "swap_halves":
+        return _swap_halves
     return None
+
+
+def _swap_halves(w: torch.Tensor) -> torch.Tensor:
+    """FLUX ``final_layer.adaLN_modulation.1`` (shift, scale) ↔ diffusers ``norm_out.linear`` (scale, shift);
+    its own inverse."""
+    half = w.shape[0] // 2
+    return torch.cat([w[half:], w[:half]], dim=0)
 
 
 def _to_ldm(group: tuple[KeyLink, ...]):
@@ -279,6 +289,8 @@ def _to_ldm(group: tuple[KeyLink, ...]):
         return lambda w: w.reshape(*w.shape, 1, 1)
     if group[0].transform == "transpose":
         return lambda w: w.t()
+    if group[0].transform == "swap_halves":
+        return _swap_halves
     return None
 
 
@@ -333,10 +345,27 @@ def _fill_folder(src, root: Path, plan: list[_Item], arch: str, on_progress: Pro
         for w in {id(i.writer): i.writer for i in items}.values():
             w.finalize()
     keys = set(src.keys())
+    if arch == "flux1":
+        return files + _write_flux_config(root, src, specs_by_comp)
     betas = src.get("betas") if "betas" in keys else None
     prediction = prediction_type or default_prediction_type(arch, keys)
     files += write_pipeline_files(root, arch, specs_by_comp, betas, prediction)
     return files
+
+
+def _write_flux_config(root: Path, src, specs_by_comp: dict[str, dict[str, TensorSpec]]) -> list[str]:
+    """``transformer/config.json`` from the weights' shape config (the folder loads with
+    ``FluxTransformer2DModel.from_pretrained(OUT, subfolder="transformer")``)."""
+    import json
+
+    from ..arch.flux_naming import flux_transformer_config
+
+    specs = {f"transformer/{k}": s for k, s in specs_by_comp.get("transformer", {}).items()}
+    config = solve_config("flux1", specs, "diffusers")
+    guidance = "transformer/time_text_embed.guidance_embedder.linear_1.weight" in specs
+    cfg = flux_transformer_config(config, guidance)
+    (root / "transformer" / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return ["transformer/config.json"]
 
 
 __all__ = ["CheckpointConvertReport", "convert_checkpoint"]
