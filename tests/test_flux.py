@@ -173,3 +173,62 @@ def test_bfl_diffusers_round_trip_and_diffusers_agrees_with_our_merge(flux_files
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(theirs, _flux_forward(folder)[1], atol=1e-4)  # the LoRA does change the output
 
+
+
+def test_fused_kohya_lora_splits_exactly_for_diffusers(flux_files, tmp_path):
+    """A kohya LoRA on fused qkv / linear1: merged into a diffusers folder, or converted to PEFT names, it
+    changes the weights exactly as the BFL merge does (the shared down is copied to each part, the up's rows
+    are sliced; the rank is kept)."""
+    d, kohya, _ = flux_files
+    base, folder = d / "base.safetensors", tmp_path / "folder"
+    assert main(["convert", str(base), str(folder), "--to", "diffusers"]) == 0
+    bfl_merged, via_folder = tmp_path / "m.safetensors", tmp_path / "mf"
+    assert main(["merge", str(base), f"{d / 'kohya.safetensors'}:0.7", "-o", str(bfl_merged)]) == 0
+    assert main(["merge", str(folder), f"{d / 'kohya.safetensors'}:0.7", "-o", str(via_folder)]) == 0
+    bfl_as_folder = tmp_path / "mbf"
+    assert main(["convert", str(bfl_merged), str(bfl_as_folder), "--to", "diffusers"]) == 0
+    with open_file(via_folder) as a, open_file(bfl_as_folder) as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            torch.testing.assert_close(a.get(k), b.get(k), rtol=1e-6, atol=1e-7)
+    peft = tmp_path / "peft.safetensors"
+    assert main(["convert", str(d / "kohya.safetensors"), str(peft), "--to", "peft"]) == 0
+    with open_file(peft) as p:
+        keys = set(p.keys())
+        assert "transformer.transformer_blocks.0.attn.to_k.lora_A.weight" in keys
+        assert "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight" in keys
+        q_up = p.get("transformer.transformer_blocks.2.attn.to_q.lora_B.weight")
+        v_up = p.get("transformer.transformer_blocks.2.attn.to_v.lora_B.weight")
+        n = "lora_unet_double_blocks_2_img_attn_qkv"
+        fold = 2.0 / 4  # alpha / rank folded into lora_B
+        torch.testing.assert_close(q_up, kohya[f"{n}.lora_up.weight"][:H] * fold)
+        torch.testing.assert_close(v_up, kohya[f"{n}.lora_up.weight"][2 * H: 3 * H] * fold)
+        assert torch.equal(p.get("transformer.transformer_blocks.2.attn.to_k.lora_A.weight"), kohya[f"{n}.lora_down.weight"])
+    via_peft = tmp_path / "mp.safetensors"
+    assert main(["merge", str(base), f"{peft}:0.7", "-o", str(via_peft)]) == 0
+    with open_file(via_peft) as a, open_file(bfl_merged) as b:
+        for k in a.keys():
+            torch.testing.assert_close(a.get(k), b.get(k), rtol=1e-6, atol=1e-7)
+
+
+def test_resize_and_extract_flux(flux_files, tmp_path):
+    d, _, _ = flux_files
+    small = tmp_path / "r.safetensors"
+    assert main(["resize", str(d / "kohya.safetensors"), "--rank", "4", "-o", str(small)]) == 0  # full rank: lossless
+    from loratool.adapters import delta, load_adapter
+
+    with open_file(d / "kohya.safetensors") as a, open_file(small) as b:
+        la, lb = load_adapter(a), load_adapter(b)
+        assert la.arch == lb.arch == "flux1"
+        for name in list(la.modules)[::37]:
+            torch.testing.assert_close(delta(lb.modules[name]), delta(la.modules[name]), rtol=1e-4, atol=1e-6)
+    merged = tmp_path / "m.safetensors"
+    assert main(["merge", str(d / "base.safetensors"), str(d / "kohya.safetensors"), "-o", str(merged)]) == 0
+    out = tmp_path / "e.safetensors"
+    assert main(["extract", str(merged), str(d / "base.safetensors"), "--rank", "4", "-o", str(out)]) == 0
+    with open_file(out) as e, open_file(d / "kohya.safetensors") as k:
+        le, lk = load_adapter(e), load_adapter(k)
+        assert set(le.modules) == set(lk.modules)  # the 304 transformer modules, as kohya's extractor takes them
+        name = "lora_unet_single_blocks_3_linear1"
+        planted, got = delta(lk.modules[name]), delta(le.modules[name])
+        assert float((got - planted).norm() / planted.norm()) < 1e-2  # the planted rank-4 ΔW, up to bf16 rounding

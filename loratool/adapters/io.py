@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..io.source import TensorSource
 
 from ..arch import ARCHES, Arch, ModuleTarget, module_index, shape_rules
-from ..arch.dims import Solution
+from ..arch.dims import ShapeConfig, Solution
 from ..errors import DetectionError, InternalError, MappingError, listing
 from ..metadata.kohya import arch_from_metadata
 from .families import AdapterModule, FamilyName, _prod, factor_problem, family_of
@@ -342,6 +342,7 @@ class LoadedAdapter:
     scores: list[tuple[str, float]]
     metadata: dict[str, str]
     path: str = ""
+    config: ShapeConfig | None = None  # the shape config read off the factors; every target is sized to it
 
     @property
     def families(self) -> set[str]:
@@ -394,7 +395,42 @@ def load_adapter(source: TensorSource, arch: str | None = None, allow_unmapped: 
             f"{source.path}: {len(misfit)} modules do not fit the {arch} weights: {listing(misfit, 3)}",
             hint="the adapter is for another architecture; check --arch",
         )
-    return LoadedAdapter(arch, index.naming, modules, index.unmapped, scores, dict(source.metadata), str(source.path))
+    return LoadedAdapter(arch, index.naming, modules, index.unmapped, scores, dict(source.metadata), str(source.path),
+                         index.solution.config if index.solution else None)
+
+
+def fused_parts(module: AdapterModule, config: ShapeConfig | None) -> list[AdapterModule]:
+    """A module on a fused tensor (FLUX kohya ``img_attn.qkv``, ``linear1``) as one module per part of the
+    diffusers layout (q, k, v, MLP), each changing the part's rows only, exactly; [] for any other module.
+
+    LoRA: the down is shared and the up's rows are sliced (rank unchanged — the rank axis is never split);
+    LoHa: both ``w*_a`` factors' rows are sliced; other families become the part's rows of their dense ΔW.
+    """
+    from ..arch import fused_parts as part_targets
+    from .math import delta
+
+    parts = part_targets(module.target)
+    if not parts:
+        return []
+    if module.is_dora:
+        raise MappingError(
+            f"{module.target.name}: a DoRA module on a fused tensor cannot be split (its norm is over the whole tensor)",
+            hint="merge it into the single-file (BFL) transformer instead",
+        )
+    out = []
+    t = module.tensors
+    for part in parts:
+        part = part.sized(config) if config is not None else part
+        lo, hi = part.rows
+        if module.family == "lora":
+            tensors = {**t, "up": t["up"][lo:hi]}
+        elif module.family == "loha" and "hada_t1" not in t:
+            tensors = {**t, "hada_w1_a": t["hada_w1_a"][lo:hi], "hada_w2_a": t["hada_w2_a"][lo:hi]}
+        else:
+            tensors = {"diff": delta(module)[lo:hi]}
+        family = module.family if "diff" not in tensors else "full"
+        out.append(AdapterModule(part, family, tensors))
+    return out
 
 
 # ----------------------------------------------------------------------------- writing
@@ -469,3 +505,15 @@ def save_adapter(
     from ..metadata import with_hashes
 
     return save_tensors(out, tensors, with_hashes(tensors, metadata), inputs=inputs, force=force)
+
+
+def split_fused(adapter: LoadedAdapter) -> LoadedAdapter:
+    """Replace, in place, every module of ``adapter`` on a fused single-file tensor by its exact per-part
+    modules (:func:`fused_parts`), for a diffusers-layout base or output; returns ``adapter``."""
+    for name in list(adapter.modules):
+        parts = fused_parts(adapter.modules[name], adapter.config)
+        if parts:
+            del adapter.modules[name]
+            for part in parts:
+                adapter.modules[part.target.name] = part
+    return adapter

@@ -118,6 +118,17 @@ def component_labels(arch: str) -> dict[str, str]:
     return COMPONENT_LABELS
 
 
+def fused_parts(target: ModuleTarget) -> list[ModuleTarget]:
+    """The diffusers-layout targets a module on a fused single-file tensor splits into (FLUX.1's q/k/v and
+    MLP-in rows), in row order; [] when ``target`` covers one diffusers tensor."""
+    if "+" not in target.diffusers_key:
+        return []
+    from .flux_naming import split_modules
+
+    parts = [t for t in split_modules().values() if t.address == target.address]
+    return sorted(parts, key=lambda t: t.rows or (0, 0))
+
+
 def module_index(arch: str) -> dict[str, tuple[str, ModuleTarget]]:
     """Every native adapter module name of ``arch`` → (naming, target)."""
     if arch == "flux1":

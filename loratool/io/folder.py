@@ -13,6 +13,11 @@ from .writer import check_output
 DIFFUSERS_MARKER = "model_index.json"
 
 
+def weight_file(component: str) -> str:
+    """The weights file diffusers / transformers look for in a component folder."""
+    return "model.safetensors" if component.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
+
+
 class FolderOutput:
     """An output folder built in a temporary folder beside it and renamed into place when complete.
 

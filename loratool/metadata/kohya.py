@@ -16,9 +16,11 @@ _ARCH_RECORD = {
     "sd1": ("sd_v1", "stable-diffusion-v1", "diffusers", "512x512"),
     "sd2": ("sd_v2", "stable-diffusion-v2-512", "https://github.com/Stability-AI/generative-models", "512x512"),
     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models", "1024x1024"),
+    "flux1": ("flux1", "flux-1-dev", "https://github.com/black-forest-labs/flux", "1024x1024"),
 }
 # prefixes by which ss_base_model_version / modelspec.architecture name an arch when reading
 _READ = (
+    ("flux1", "flux", "flux-1"),
     ("sdxl", "sdxl", "stable-diffusion-xl"),
     ("sd2", "sd_v2", "stable-diffusion-v2"),
     ("sd1", "sd_v1", "stable-diffusion-v1"),

@@ -23,7 +23,7 @@ import torch
 from .. import dtypes
 from ..adapters import DEFAULT_REL_TOL, FAMILIES, AdapterModule, rank_of, to_lora_factors
 from ..adapters.families import missing_roles
-from ..adapters.io import is_alpha_key, module_tensors
+from ..adapters.io import is_alpha_key, module_tensors, split_fused
 from ..arch.sd import EMA_PREFIX
 from ..arch.sd_checkpoint import SCHEDULE_BUFFERS
 from ..errors import LoratoolError, MappingError, OutputError, listing
@@ -320,6 +320,8 @@ def _convert_adapter(
     naming_out = naming_in if to == "lora" else to
     if naming_out not in ("kohya", "peft", "diffusers"):
         naming_out = "kohya"
+    if naming_out != "kohya":
+        split_fused(loaded)  # PEFT / diffusers name the q, k, v (and MLP) parts of a fused tensor separately
     recorded = {}
     if naming_out == "kohya" and PEFT_ALPHA_KEY in source.metadata:
         try:

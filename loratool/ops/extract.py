@@ -100,7 +100,17 @@ def _rows(tensor: torch.Tensor, target: ModuleTarget, naming: str) -> torch.Tens
 
 
 def plan_targets(arch: str, all_layers: bool, with_conv: bool) -> tuple[list[ModuleTarget], int]:
-    """Targets to extract, and how many 3x3 convs were left out because no conv rank was given."""
+    """Targets to extract, and how many 3x3 convs were left out because no conv rank was given.
+
+    FLUX.1: the transformer's kohya modules (the fused ``img_attn.qkv``, ``linear1``... as sd-scripts'
+    ``flux_extract_lora.py`` extracts them); its text encoders are separate files.
+    """
+    if arch == "flux1":
+        if all_layers:
+            raise LoratoolError("--all-layers is not available for FLUX.1 yet",
+                                hint="leave it out: the kohya modules are extracted")
+        table = {n: t for n, t in kohya_modules(arch).items() if t.component == "transformer"}
+        return sorted(table.values(), key=lambda t: t.name), 0
     table = all_modules(arch) if all_layers else kohya_modules(arch)
     keep = [t for t in table.values() if with_conv or t.kind != "conv3x3"]
     return sorted(keep, key=lambda t: t.name), len(table) - len(keep)

@@ -24,18 +24,11 @@ from ..arch.sd_pipeline import default_prediction_type, write_pipeline_files
 from ..detect import detect_checkpoint
 from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..io import stream
-from ..io.folder import FolderOutput
+from ..io.folder import FolderOutput, weight_file
 from ..io.source import TensorSource, TensorSpec, open_file
 from ..io.writer import SafetensorsWriter
 from ..progress import Progress
 
-_WEIGHT_FILES = {
-    "unet": "diffusion_pytorch_model.safetensors",
-    "transformer": "diffusion_pytorch_model.safetensors",
-    "vae": "diffusion_pytorch_model.safetensors",
-    "text_encoder": "model.safetensors",
-    "text_encoder_2": "model.safetensors",
-}
 _COMPONENT_ORDER = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae")
 
 
@@ -332,7 +325,7 @@ def _fill_folder(src, root: Path, plan: list[_Item], arch: str, on_progress: Pro
             (root / comp).mkdir()
             specs = {it.key.split("/", 1)[1]: it.spec for it in comp_items}
             specs_by_comp[comp] = specs
-            path = root / comp / _WEIGHT_FILES[comp]
+            path = root / comp / weight_file(comp)
             w = stack.enter_context(SafetensorsWriter(path, specs, {"format": "pt"}))
             for it in comp_items:
                 name = it.key.split("/", 1)[1]
@@ -355,7 +348,9 @@ def _fill_folder(src, root: Path, plan: list[_Item], arch: str, on_progress: Pro
 
 def _write_flux_config(root: Path, src, specs_by_comp: dict[str, dict[str, TensorSpec]]) -> list[str]:
     """``transformer/config.json`` from the weights' shape config (the folder loads with
-    ``FluxTransformer2DModel.from_pretrained(OUT, subfolder="transformer")``)."""
+    ``FluxTransformer2DModel.from_pretrained(OUT, subfolder="transformer")``), and a ``model_index.json``
+    naming only the transformer (``FluxPipeline.from_pretrained(OUT, vae=..., text_encoder=..., ...)``
+    takes the other components from their own files)."""
     import json
 
     from ..arch.flux_naming import flux_transformer_config
@@ -365,7 +360,10 @@ def _write_flux_config(root: Path, src, specs_by_comp: dict[str, dict[str, Tenso
     guidance = "transformer/time_text_embed.guidance_embedder.linear_1.weight" in specs
     cfg = flux_transformer_config(config, guidance)
     (root / "transformer" / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return ["transformer/config.json"]
+    index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
+    index.update({c: [None, None] for c in ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")})
+    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return ["transformer/config.json", "model_index.json"]
 
 
 __all__ = ["CheckpointConvertReport", "convert_checkpoint"]

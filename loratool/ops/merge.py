@@ -27,13 +27,13 @@ import torch
 
 from .. import dtypes
 from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, rank_of, scale_of
-from ..adapters.io import module_tensors, save_adapter
+from ..adapters.io import module_tensors, save_adapter, split_fused
 from ..arch import ARCH_LABELS
 from ..blockweights import BlockWeights
 from ..detect import detect_checkpoint, is_adapter
 from ..errors import LoratoolError, MappingError, OutputError, listing
 from ..io import stream
-from ..io.folder import FolderOutput
+from ..io.folder import FolderOutput, weight_file
 from ..io.output import open_writer
 from ..io.source import MODEL_SUFFIXES, TensorSource, TensorSpec
 from ..io.writer import SafetensorsWriter, check_output, container_for
@@ -146,6 +146,8 @@ def plan_checkpoint_merge(
     missing: list[tuple[str, str]] = []
     misfit: list[str] = []
     for i, (ad, ratio) in enumerate(adapters):
+        if base_naming == "diffusers":
+            split_fused(ad)
         for name in sorted(ad.modules):
             m = ad.modules[name]
             t = m.target
@@ -388,7 +390,7 @@ def _open_writers(stack: ExitStack, out: Path, base_source: TensorSource, out_sp
         by_comp.setdefault(comp, {})[name] = spec
     writers = {}
     for comp, specs in sorted(by_comp.items()):
-        fname = "diffusion_pytorch_model.safetensors" if comp in ("unet", "vae") else "model.safetensors"
+        fname = weight_file(comp)
         (root / comp).mkdir(parents=True, exist_ok=True)
         w = stack.enter_context(SafetensorsWriter(root / comp / fname, specs, metadata))
         for name in specs:
