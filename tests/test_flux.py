@@ -232,3 +232,34 @@ def test_resize_and_extract_flux(flux_files, tmp_path):
         name = "lora_unet_single_blocks_3_linear1"
         planted, got = delta(lk.modules[name]), delta(le.modules[name])
         assert float((got - planted).norm() / planted.norm()) < 1e-2  # the planted rank-4 ΔW, up to bf16 rounding
+
+
+def test_gguf_is_refused_with_a_hint(tmp_path, capsys):
+    f = tmp_path / "flux1-dev-Q8_0.gguf"
+    f.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(64))
+    assert main(["inspect", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "GGUF" in err and "dequantize" in err
+
+
+def test_kohya_split_qkv_file_merges_as_sd_scripts_applies_it(flux_files, tmp_path):
+    """split_qkv: per-part LoRAs (rank 4, alpha 2) stored as one module (downs stacked, up block-diagonal,
+    alpha left per part); sd-scripts applies (alpha / 4) · up_i @ down_i to each part's rows."""
+    d, _, _ = flux_files
+    g = torch.Generator().manual_seed(5)
+    n = "lora_unet_double_blocks_1_img_attn_qkv"
+    downs = [torch.randn(4, H, generator=g) for _ in range(3)]
+    ups = [torch.randn(H, 4, generator=g) for _ in range(3)]
+    up = torch.zeros(3 * H, 12)
+    for i in range(3):
+        up[i * H:(i + 1) * H, i * 4:(i + 1) * 4] = ups[i]
+    lora = {f"{n}.lora_down.weight": torch.cat(downs), f"{n}.lora_up.weight": up, f"{n}.alpha": torch.tensor(2.0)}
+    save_tensors(tmp_path / "split.safetensors", lora, {"ss_network_args": '{"split_qkv": "True"}'})
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", str(d / "base.safetensors"), str(tmp_path / "split.safetensors"), "-o", str(out)]) == 0
+    key = "double_blocks.1.img_attn.qkv.weight"
+    with open_file(d / "base.safetensors") as b, open_file(out) as m:
+        want = b.get(key).clone()
+        for i in range(3):
+            want[i * H:(i + 1) * H] += (2.0 / 4) * lora_delta_ref(ups[i], downs[i])
+        torch.testing.assert_close(m.get(key), want, rtol=1e-5, atol=1e-6)

@@ -387,9 +387,9 @@ def load_adapter(source: TensorSource, arch: str | None = None, allow_unmapped: 
         if not shapes_fit(fam, shapes, index.targets[name]):
             misfit.append(f"{name} {shapes} vs {index.targets[name].target_shape}")
             continue
-        modules[name] = AdapterModule(
+        modules[name] = _split_qkv_alpha(AdapterModule(
             index.targets[name], fam, {r: source.get(k) for r, k in roles.items()}, dict(roles)
-        )
+        ), index.solution.config if index.solution else None)
     if misfit:
         raise MappingError(
             f"{source.path}: {len(misfit)} modules do not fit the {arch} weights: {listing(misfit, 3)}",
@@ -397,6 +397,32 @@ def load_adapter(source: TensorSource, arch: str | None = None, allow_unmapped: 
         )
     return LoadedAdapter(arch, index.naming, modules, index.unmapped, scores, dict(source.metadata), str(source.path),
                          index.solution.config if index.solution else None)
+
+
+def _split_qkv_alpha(module: AdapterModule, config: ShapeConfig | None) -> AdapterModule:
+    """kohya ``split_qkv`` files (FLUX): a fused module stores its p parts' LoRAs as one — downs stacked
+    (p·r rows), the up block-diagonal — with the *per-part* alpha, and sd-scripts scales by ``alpha / r``.
+    Read with the usual ``alpha / rank`` (rank p·r) that would be p times too small, so such a module's
+    alpha is taken as ``p · alpha`` in memory: the same ΔW as sd-scripts applies, in the one convention
+    every other command uses (a file written from it stores that alpha, and is exact in any loader)."""
+    from ..arch import fused_parts as part_targets
+
+    parts = part_targets(module.target)
+    t = module.tensors
+    if module.family != "lora" or len(parts) < 2 or "alpha" not in t or "mid" in t:
+        return module
+    r = t["down"].shape[0]
+    p = len(parts)
+    if r % p:
+        return module
+    up = t["up"].reshape(t["up"].shape[0], -1)
+    block = r // p
+    for i, part in enumerate(parts):
+        lo, hi = (part.sized(config) if config is not None else part).rows
+        rows = up[lo:hi]
+        if rows[:, : i * block].any() or rows[:, (i + 1) * block:].any():
+            return module  # not block-diagonal: an ordinary fused LoRA
+    return replace(module, tensors={**t, "alpha": t["alpha"].double() * p})
 
 
 def fused_parts(module: AdapterModule, config: ShapeConfig | None) -> list[AdapterModule]:

@@ -348,6 +348,11 @@ def open_file(path: str | os.PathLike) -> SafetensorsSource | PickleSource | Dif
         return DiffusersFolderSource(p)
     with open(p, "rb") as fh:
         head = fh.read(8)
+    if head[:4] == b"GGUF":
+        raise FormatError(
+            f"{p}: a GGUF file (llama.cpp / ComfyUI-GGUF quantization); loratool does not read quantized GGUF weights",
+            hint="use the safetensors release, or dequantize it to safetensors first (e.g. with the gguf package)",
+        )
     if head[:2] == b"PK":
         return PickleSource(p)
     if p.suffix.lower() == ".safetensors" or (len(head) == 8 and struct.unpack("<Q", head)[0] < p.stat().st_size):
