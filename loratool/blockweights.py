@@ -95,6 +95,8 @@ def parse_block_weights(text: str, arch: str) -> BlockWeights:
     Raises:
         LoratoolError: unknown preset, a value that is not a number, or a count the arch has no layout for.
     """
+    if arch not in LAYOUTS:
+        raise LoratoolError(f"--lbw block weights are not available for {arch} yet", hint="leave --lbw out")
     layouts = LAYOUTS[arch]
     counts = "/".join(str(n) for n in layouts)
     name = text.strip()

@@ -29,6 +29,7 @@ class CheckpointMatch:
     score: float
     coverage: float
     precision: float
+    prefix: str = ""  # the file's keys are the layout's under this prefix (ComfyUI's FLUX all-in-one files)
 
 
 def without_ema(specs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
@@ -50,16 +51,30 @@ def score_checkpoint(specs: Mapping[str, TensorSpec]) -> list[CheckpointMatch]:
     out = []
     for arch in ARCHES:
         for naming in ("ldm", "diffusers"):
-            layout = checkpoint_layout(arch, naming)
-            hit = [k for k in layout if k in keys and len(specs[k].shape) == len(layout[k].shape)]
-            exact = sum(1 for k in hit if tuple(specs[k].shape) == layout[k].shape)
-            coverage = len(hit) / len(layout)
-            precision = len(hit) / max(1, len(keys))
-            # Among equally covering layouts (sd1 vs sd2 share UNet names), exact shapes break the tie.
-            score = coverage * precision * (0.9 + 0.1 * exact / max(1, len(hit)))
-            out.append(CheckpointMatch(arch, naming, round(score, 4), round(coverage, 4), round(precision, 4)))
+            for prefix in _PREFIXES.get((arch, naming), ("",)):
+                out.append(_score(specs, keys, arch, naming, prefix))
     out.sort(key=lambda m: -m.score)
     return out
+
+
+# ComfyUI saves FLUX.1 as one file: the BFL keys under model.diffusion_model., next to text_encoders.* and vae.*
+_PREFIXES = {("flux1", "ldm"): ("", "model.diffusion_model.")}
+
+
+def _score(specs: Mapping[str, TensorSpec], keys: set[str], arch: str, naming: str, prefix: str) -> CheckpointMatch:
+    layout = checkpoint_layout(arch, naming)
+    hit = [k for k in layout if prefix + k in keys and len(specs[prefix + k].shape) == len(layout[k].shape)]
+    exact = sum(1 for k in hit if tuple(specs[prefix + k].shape) == layout[k].shape)
+    coverage = len(hit) / len(layout)
+    # an all-in-one file's text encoders and VAE are explained by their component prefixes
+    explained = len(hit) + (sum(1 for k in keys if component_of(arch, k)[0] in _SIDE_COMPONENTS) if prefix else 0)
+    precision = explained / max(1, len(keys))
+    # Among equally covering layouts (sd1 vs sd2 share UNet names), exact shapes break the tie.
+    score = coverage * precision * (0.9 + 0.1 * exact / max(1, len(hit)))
+    return CheckpointMatch(arch, naming, round(score, 4), round(coverage, 4), round(precision, 4), prefix)
+
+
+_SIDE_COMPONENTS = ("text_encoder", "text_encoder_2", "vae")
 
 
 def detect_checkpoint(specs: Mapping[str, TensorSpec], arch: str | None = None) -> CheckpointMatch:
@@ -297,20 +312,24 @@ def detect_file(
         Candidate(runner.arch, runner.naming, runner.score) if runner else None,
         _candidates(ranked),
         arch is not None,
-        _checkpoint_description(best.arch, best.naming, specs),
+        _checkpoint_description(best, specs),
         evidence,
     )
 
 
-def _checkpoint_description(arch: str, naming: str, specs: Mapping[str, TensorSpec]) -> str:
-    if arch == "flux1":
+def _checkpoint_description(match: CheckpointMatch, specs: Mapping[str, TensorSpec]) -> str:
+    if match.arch == "flux1":
         from .arch.flux import variant
 
-        img_in = specs.get("img_in.weight") or specs.get("transformer/x_embedder.weight")
+        img_in = specs.get(match.prefix + "img_in.weight") or specs.get("transformer/x_embedder.weight")
         kind = variant(specs, img_in.shape[1] if img_in is not None and len(img_in.shape) == 2 else None)
-        layout = "BFL single-file" if naming == "ldm" else "diffusers"
+        if match.prefix:
+            parts = sorted({component_of("flux1", k)[0] for k in specs} & set(_SIDE_COMPONENTS))
+            extra = " + ".join(component_labels("flux1")[c] for c in parts)
+            return f"FLUX.1-{kind} ComfyUI single file (transformer{' + ' + extra if extra else ''})"
+        layout = "BFL single-file" if match.naming == "ldm" else "diffusers"
         return f"FLUX.1-{kind} {layout} transformer"
-    return f"{ARCH_LABELS[arch]} {_NAMING_LABEL[naming]} checkpoint"
+    return f"{ARCH_LABELS[match.arch]} {_NAMING_LABEL[match.naming]} checkpoint"
 
 
 def missing_components(specs: Mapping[str, TensorSpec], arch: str, naming: str) -> list[str]:

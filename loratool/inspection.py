@@ -357,6 +357,9 @@ def block_of(component: str, address: str) -> str:
         name = "layers" if m.group(1) == "resblocks" else m.group(1)
         return f"{component}.{name}.{m.group(2)}"
     rest = address.split("diffusion_model.", 1)[-1] if "diffusion_model." in address else address
+    if component == "transformer":  # FLUX: double_blocks.N, single_blocks.N, or the embedders / final layer
+        parts = rest.split(".")
+        return f"transformer.{parts[0]}.{parts[1]}" if parts[0].endswith("_blocks") else f"transformer.{parts[0]}"
     if "middle_block" in rest:
         return f"{component}.middle_block"
     return f"{component}.{rest.split('.', 1)[0]}" if component == "unet" else f"{component}.other"

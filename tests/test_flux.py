@@ -263,3 +263,33 @@ def test_kohya_split_qkv_file_merges_as_sd_scripts_applies_it(flux_files, tmp_pa
         for i in range(3):
             want[i * H:(i + 1) * H] += (2.0 / 4) * lora_delta_ref(ups[i], downs[i])
         torch.testing.assert_close(m.get(key), want, rtol=1e-5, atol=1e-6)
+
+
+def test_comfyui_all_in_one_file_is_detected_and_merged(flux_files, tmp_path):
+    """ComfyUI's single file: the BFL keys under model.diffusion_model., text encoders and VAE beside them."""
+    d, kohya, _ = flux_files
+    with open_file(d / "base.safetensors") as b:
+        tensors = {"model.diffusion_model." + k: b.get(k) for k in b.keys()}
+    clip = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    tensors[clip] = torch.zeros(48, 12)  # the small config's CLIP-L: width 12, MLP 4×
+    tensors["vae.decoder.conv_in.weight"] = torch.zeros(8, 16, 3, 3)
+    save_tensors(tmp_path / "comfy.safetensors", tensors)
+    det = detect_file({k: TensorSpec(tuple(v.shape), "F32") for k, v in tensors.items()})
+    assert (det.kind, det.arch, det.naming) == ("checkpoint", "flux1", "ldm")
+    assert "ComfyUI single file" in det.description and "CLIP-L" in det.description
+    lora = dict(kohya)
+    te = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    g = torch.Generator().manual_seed(3)
+    lora.update({f"{te}.lora_down.weight": torch.randn(2, 12, generator=g),
+                 f"{te}.lora_up.weight": torch.randn(48, 2, generator=g), f"{te}.alpha": torch.tensor(2.0)})
+    save_tensors(tmp_path / "lora.safetensors", lora)
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", str(tmp_path / "comfy.safetensors"), f"{tmp_path / 'lora.safetensors'}:0.5", "-o", str(out)]) == 0
+    with open_file(out) as m:
+        key = "model.diffusion_model.single_blocks.0.linear2.weight"
+        n = "lora_unet_single_blocks_0_linear2"
+        want = tensors[key] + 0.5 * 0.5 * lora_delta_ref(kohya[f"{n}.lora_up.weight"], kohya[f"{n}.lora_down.weight"])
+        torch.testing.assert_close(m.get(key), want, rtol=1e-5, atol=1e-6)
+        want = 0.5 * 1.0 * lora_delta_ref(lora[f"{te}.lora_up.weight"], lora[f"{te}.lora_down.weight"])
+        torch.testing.assert_close(m.get(clip), want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(m.get("vae.decoder.conv_in.weight"), tensors["vae.decoder.conv_in.weight"])

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from ..io.source import TensorSource
 
-from ..arch import ARCHES, Arch, ModuleTarget, module_index, shape_rules
+from ..arch import ARCHES, DENOISERS, Arch, ModuleTarget, module_index, shape_rules
 from ..arch.dims import ShapeConfig, Solution
 from ..errors import DetectionError, InternalError, MappingError, listing
 from ..metadata.kohya import arch_from_metadata
@@ -485,7 +485,7 @@ def native_keys(target: ModuleTarget, naming: Naming) -> NativeKeys:
     m = target.peft_module
     if naming == "peft":
         return NativeKeys(f"{m}.lora_A.weight", f"{m}.lora_B.weight", None, None)
-    mid = "lora" if target.component == "unet" else "lora_linear_layer"
+    mid = "lora" if target.component in DENOISERS else "lora_linear_layer"
     return NativeKeys(f"{m}.{mid}.down.weight", f"{m}.{mid}.up.weight", None, None)
 
 

@@ -27,6 +27,7 @@ LayerKind = Literal["linear", "conv1x1", "conv3x3"]
 
 ARCHES: tuple[Arch, ...] = ("sd1", "sd2", "sdxl", "flux1")
 SD_ARCHES: tuple[Arch, ...] = ("sd1", "sd2", "sdxl")
+DENOISERS = ("unet", "transformer")  # the component an image model's denoiser is called (the rest: text encoders, VAE)
 ARCH_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux1": "FLUX.1"}
 _FILE_PREFIX = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl", "flux1": "flux1"}
 # tables whose names do not follow ``{prefix}-{naming}.tsv``

@@ -28,7 +28,7 @@ import torch
 from .. import dtypes
 from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, rank_of, scale_of
 from ..adapters.io import module_tensors, save_adapter, split_fused
-from ..arch import ARCH_LABELS
+from ..arch import ARCH_LABELS, DENOISERS
 from ..blockweights import BlockWeights
 from ..detect import detect_checkpoint, is_adapter
 from ..errors import LoratoolError, MappingError, OutputError, listing
@@ -139,6 +139,7 @@ def plan_checkpoint_merge(
     te_ratio: float = 1.0,
     unet_ratio: float = 1.0,
     block_weights: BlockWeights | None = None,
+    prefix: str = "",
 ) -> tuple[list[Assignment], list[tuple[str, str]]]:
     """Which module changes which base key, at which effective ratio (ρ·κ·β); plus (adapter, module)
     pairs whose target weight the base file lacks."""
@@ -151,7 +152,8 @@ def plan_checkpoint_merge(
         for name in sorted(ad.modules):
             m = ad.modules[name]
             t = m.target
-            key = t.address if base_naming == "ldm" else t.diffusers_key
+            key = (prefix + t.address if t.component == "transformer" else t.address) if base_naming == "ldm" \
+                else t.diffusers_key
             rows = t.rows if base_naming == "ldm" else None
             if key not in base_specs:
                 missing.append((ad.path, f"{name} → {key}"))
@@ -160,7 +162,7 @@ def plan_checkpoint_merge(
             if tuple(base_specs[key].shape) != tuple(want):
                 misfit.append(f"{name} needs {key} {tuple(want)}, the base has {tuple(base_specs[key].shape)}")
                 continue
-            comp = unet_ratio if t.component == "unet" else te_ratio
+            comp = unet_ratio if t.component in DENOISERS else te_ratio
             bw = block_weights.weight_for(t) if block_weights is not None else 1.0
             plan.append(Assignment(key, rows, i, name, m.family, ratio * comp * bw))
             if "diff_b" in m.tensors:  # a full module's bias ΔW goes to the bias next to the weight (same rows)
@@ -248,7 +250,7 @@ def merge_into_checkpoint(
                 f"is an {ARCH_LABELS[match.arch]} checkpoint",
                 hint="merge adapters made for the same base model family",
             )
-    plan, missing = plan_checkpoint_merge(specs, match.naming, adapters, te_ratio, unet_ratio, block_weights)
+    plan, missing = plan_checkpoint_merge(specs, match.naming, adapters, te_ratio, unet_ratio, block_weights, match.prefix)
     unmapped = [(ad.path, k) for ad, _ in adapters for k in ad.unmapped] + missing
     if unmapped and not allow_unmapped:
         raise MappingError(
@@ -545,7 +547,7 @@ def merge_adapters(
             if m is None:
                 continue
             target = m.target
-            eff = ratio * (unet_ratio if m.target.component == "unet" else te_ratio)
+            eff = ratio * (unet_ratio if m.target.component in DENOISERS else te_ratio)
             eff *= block_weights.weight_for(m.target) if block_weights is not None else 1.0
             if eff == 0:
                 continue
