@@ -68,6 +68,10 @@ def _score(specs: Mapping[str, TensorSpec], keys: set[str], arch: str, naming: s
     coverage = len(hit) / len(layout)
     # an all-in-one file's text encoders and VAE are explained by their component prefixes
     explained = len(hit) + (sum(1 for k in keys if component_of(arch, k)[0] in _SIDE_COMPONENTS) if prefix else 0)
+    if arch == "flux1" and naming == "ldm":
+        from .arch.flux import is_scaled_fp8_key
+
+        explained += sum(1 for k in keys if is_scaled_fp8_key(k))
     precision = explained / max(1, len(keys))
     # Among equally covering layouts (sd1 vs sd2 share UNet names), exact shapes break the tie.
     score = coverage * precision * (0.9 + 0.1 * exact / max(1, len(hit)))
@@ -328,7 +332,8 @@ def _checkpoint_description(match: CheckpointMatch, specs: Mapping[str, TensorSp
             extra = " + ".join(component_labels("flux1")[c] for c in parts)
             return f"FLUX.1-{kind} ComfyUI single file (transformer{' + ' + extra if extra else ''})"
         layout = "BFL single-file" if match.naming == "ldm" else "diffusers"
-        return f"FLUX.1-{kind} {layout} transformer"
+        scaled = " (ComfyUI scaled fp8)" if match.prefix + "scaled_fp8" in specs else ""
+        return f"FLUX.1-{kind} {layout} transformer{scaled}"
     return f"{ARCH_LABELS[match.arch]} {_NAMING_LABEL[match.naming]} checkpoint"
 
 

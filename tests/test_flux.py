@@ -293,3 +293,33 @@ def test_comfyui_all_in_one_file_is_detected_and_merged(flux_files, tmp_path):
         want = 0.5 * 1.0 * lora_delta_ref(lora[f"{te}.lora_up.weight"], lora[f"{te}.lora_down.weight"])
         torch.testing.assert_close(m.get(clip), want, rtol=1e-5, atol=1e-6)
         assert torch.equal(m.get("vae.decoder.conv_in.weight"), tensors["vae.decoder.conv_in.weight"])
+
+
+def test_scaled_fp8_base_stays_scaled_fp8(flux_files, tmp_path):
+    """ComfyUI scaled fp8: W = stored · scale_weight. The merge computes in float32 and stores
+    (W + ΔW) / scale_weight back in fp8 (same scale, clamped to ±448, round to nearest even)."""
+    d, kohya, _ = flux_files
+    with open_file(d / "base.safetensors") as b:
+        src = {k: b.get(k) for k in b.keys()}
+    tensors = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for k, v in src.items():
+        if k.endswith(".weight") and v.dim() == 2:
+            s = float(v.abs().max()) / 448
+            tensors[k] = (v / s).to(torch.float8_e4m3fn)
+            tensors[k.removesuffix("weight") + "scale_weight"] = torch.tensor(s)
+        else:
+            tensors[k] = v
+    save_tensors(tmp_path / "fp8.safetensors", tensors)
+    assert "scaled fp8" in detect_file({k: TensorSpec(tuple(v.shape), "F8_E4M3") for k, v in tensors.items()}).description
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", str(tmp_path / "fp8.safetensors"), f"{d / 'kohya.safetensors'}:0.9", "-o", str(out)]) == 0
+    key, n = "single_blocks.4.linear1.weight", "lora_unet_single_blocks_4_linear1"
+    s = tensors["single_blocks.4.linear1.scale_weight"]
+    w = tensors[key].float() * s + 0.9 * 0.5 * lora_delta_ref(kohya[f"{n}.lora_up.weight"], kohya[f"{n}.lora_down.weight"])
+    want = (w / s).clamp(-448, 448).to(torch.float8_e4m3fn)
+    with open_file(out) as m:
+        got = m.get(key)
+        assert got.dtype == torch.float8_e4m3fn and torch.equal(m.get("single_blocks.4.linear1.scale_weight"), s)
+        # one fp8 step at most: float32 summation order differs from the written-out formula
+        assert float((got.float() - want.float()).abs().max()) <= float(want.float().abs().max()) / 8
+        assert float((got.float() != want.float()).float().mean()) < 0.01

@@ -85,6 +85,13 @@ def component_of_key(key: str) -> tuple[str, str]:
     return "other", key
 
 
+def is_scaled_fp8_key(key: str) -> bool:
+    """ComfyUI scaled-fp8 bookkeeping: the ``scaled_fp8`` marker and the per-weight ``scale_weight`` /
+    ``scale_input`` scalars next to fp8 weights (``W = stored · scale_weight``)."""
+    bare = key.removeprefix(SINGLE_FILE_PREFIX)
+    return bare == "scaled_fp8" or bare.endswith((".scale_weight", ".scale_input"))
+
+
 def variant(keys, img_in_width: int | None) -> str:
     """``dev``, ``schnell``, ``fill``, ``depth`` or ``chroma`` from a transformer's keys and ``img_in`` width."""
     keys = set(keys)

@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -285,13 +285,16 @@ def merge_into_checkpoint(
             mods = [adapters[a.adapter][0].modules[a.module] for a in assignments]
 
             writer, name = writers[key]
-            if dev.type == "cpu" and all(_plain_lora(a, m) for a, m in zip(assignments, mods)):
+            scale = _fp8_scale(base_source, specs, key)
+            if scale is None and dev.type == "cpu" and all(_plain_lora(a, m) for a, m in zip(assignments, mods)):
                 return lambda tensor: _merge_blocked(tensor, assignments, mods, writer, name)
 
             def fn(tensor: torch.Tensor) -> torch.Tensor:
                 work = tensor.numel() * sum(rank_of(m.family, m.tensors) or 64 for m in mods)
                 with threads(threads_for(work) if dev.type == "cpu" else None):
                     w = tensor.to(dev, torch.float32)
+                    if scale is not None:
+                        w = w * scale
                     for a, m in zip(assignments, mods):
                         module = _module_on(m, dev)
                         lo, hi = a.rows if a.rows is not None else (0, w.shape[0])
@@ -299,7 +302,7 @@ def merge_into_checkpoint(
                             w[lo:hi] += a.ratio * module.tensors["diff_b"].float().reshape(w[lo:hi].shape)
                         else:
                             w[lo:hi] = apply_to_weight(w[lo:hi], module, a.ratio)
-                return w
+                return w if scale is None else w / scale  # scaled fp8 keeps its scale; the cast clamps to its range
 
             return fn
 
@@ -315,6 +318,15 @@ def merge_into_checkpoint(
     )
 
 
+
+
+def _fp8_scale(source: TensorSource, specs: Mapping[str, TensorSpec], key: str) -> float | None:
+    """ComfyUI scaled fp8: the weight ``W`` of ``key`` is ``stored · scale_weight`` (a float32 scalar
+    beside it); None for any other weight."""
+    scale_key = key.removesuffix("weight") + "scale_weight"
+    if not key.endswith(".weight") or scale_key not in specs or specs[key].dtype not in ("F8_E4M3", "F8_E5M2"):
+        return None
+    return float(source.get(scale_key).float().reshape(-1)[0])
 
 
 def _plain_lora(a: Assignment, m: AdapterModule) -> bool:
