@@ -10,7 +10,7 @@ import click
 from ..dtypes import CHOICES
 from ..runtime import DEVICES
 
-ARCH_CHOICES = ("sd1", "sd2", "sdxl")
+ARCH_CHOICES = ("sd1", "sd2", "sdxl", "flux1")
 
 
 class DtypeParam(click.Choice):
