@@ -543,3 +543,31 @@ def split_fused(adapter: LoadedAdapter) -> LoadedAdapter:
             for part in parts:
                 adapter.modules[part.target.name] = part
     return adapter
+
+
+def split_swapped(adapter: LoadedAdapter) -> LoadedAdapter:
+    """For a single-file base: replace, in place, every module on a target whose halves the single file
+    stores swapped (FLUX ``norm_out.linear``) by two modules, each one half of the ΔW on the swapped rows
+    (exact: LoRA up rows / LoHa ``w*_a`` rows are sliced, other families take their dense ΔW rows)."""
+    from ..arch import swapped_halves
+    from .math import delta
+
+    for name in list(adapter.modules):
+        module = adapter.modules[name]
+        halves = swapped_halves(module.target)
+        if not halves:
+            continue
+        if module.is_dora:
+            raise MappingError(f"{name}: a DoRA module on norm_out cannot be merged into a BFL file",
+                               hint="merge it into the diffusers transformer instead")
+        del adapter.modules[name]
+        t = module.tensors
+        for i, ((lo, hi), target) in enumerate(halves):
+            if module.family == "lora":
+                tensors, family = {**t, "up": t["up"][lo:hi]}, "lora"
+            elif module.family == "loha" and "hada_t1" not in t:
+                tensors, family = {**t, "hada_w1_a": t["hada_w1_a"][lo:hi], "hada_w2_a": t["hada_w2_a"][lo:hi]}, "loha"
+            else:
+                tensors, family = {"diff": delta(module)[lo:hi]}, "full"
+            adapter.modules[f"{name}/{'ab'[i]}"] = AdapterModule(target, family, tensors)
+    return adapter

@@ -130,6 +130,20 @@ def fused_parts(target: ModuleTarget) -> list[ModuleTarget]:
     return sorted(parts, key=lambda t: t.rows or (0, 0))
 
 
+def swapped_halves(target: ModuleTarget) -> list[tuple[tuple[int, int], ModuleTarget]]:
+    """A target whose single-file tensor holds its two halves the other way round (FLUX ``norm_out`` ↔
+    ``final_layer.adaLN_modulation.1``): ``[(rows of ΔW, target with the single-file rows they go to)]``,
+    in the target's own config; [] for any other target."""
+    if "/" not in target.diffusers_key or not target.diffusers_key.startswith("transformer/"):
+        return []
+    from .flux_naming import SWAPPED_HALVES
+
+    if target.diffusers_key not in SWAPPED_HALVES:
+        return []
+    half = target.shape[0] // 2
+    return [((0, half), replace(target, rows=(half, 2 * half))), ((half, 2 * half), replace(target, rows=(0, half)))]
+
+
 def module_index(arch: str) -> dict[str, tuple[str, ModuleTarget]]:
     """Every native adapter module name of ``arch`` → (naming, target)."""
     if arch == "flux1":

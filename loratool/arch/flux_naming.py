@@ -14,8 +14,9 @@ ComfyUI / ai-toolkit files name the fused modules by their BFL path (``diffusion
 with ``lora_A``/``lora_B`` or ``lora_down``/``lora_up``), LyCORIS sometimes as ``lycoris_double_blocks_0_img_attn_qkv``.
 
 Text-encoder modules (kohya ``lora_te1_`` CLIP-L, ``lora_te3_`` T5-XXL; PEFT ``text_encoder.``) are shared by
-both namings. ``norm_out.linear`` (BFL ``final_layer.adaLN_modulation.1`` with its halves swapped) has no
-split target yet: a LoRA on it is reported as unmapped.
+both namings. ``norm_out.linear`` is BFL's ``final_layer.adaLN_modulation.1`` with its two halves (shift,
+scale) swapped: its target keeps the diffusers orientation, and a merge into a BFL tensor applies the two
+halves of its ΔW to the swapped rows (:func:`loratool.arch.swapped_halves`).
 """
 
 from __future__ import annotations
@@ -45,13 +46,16 @@ def links() -> tuple[tuple[str, str, tuple[int, int] | None, str, tuple[int, ...
 def split_modules() -> dict[str, ModuleTarget]:
     """Every diffusers transformer Linear (PEFT / diffusers LoRA targets) → its BFL tensor and rows."""
     out: dict[str, ModuleTarget] = {}
-    for dkey, bkey, rows, transform, dshape, bshape in links():
-        if not dkey.endswith(".weight") or len(dshape) != 2 or transform:
+    for dkey, bkey, rows, _transform, dshape, bshape in links():
+        if not dkey.endswith(".weight") or len(dshape) != 2:
             continue
         path = dkey.split("/", 1)[1].removesuffix(".weight")
         name = _SPLIT_PREFIX + path.replace(".", "_")
         out[name] = ModuleTarget(name, "linear", bkey, rows, bshape, dkey)
     return out
+
+
+SWAPPED_HALVES = frozenset(d for d, _, _, t, _, _ in links() if t == "swap_halves")
 
 
 @cache

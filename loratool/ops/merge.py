@@ -27,7 +27,7 @@ import torch
 
 from .. import dtypes
 from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, rank_of, scale_of
-from ..adapters.io import module_tensors, save_adapter, split_fused
+from ..adapters.io import module_tensors, save_adapter, split_fused, split_swapped
 from ..arch import ARCH_LABELS, DENOISERS
 from ..blockweights import BlockWeights
 from ..detect import detect_checkpoint, is_adapter
@@ -149,6 +149,8 @@ def plan_checkpoint_merge(
     for i, (ad, ratio) in enumerate(adapters):
         if base_naming == "diffusers":
             split_fused(ad)
+        else:
+            split_swapped(ad)
         for name in sorted(ad.modules):
             m = ad.modules[name]
             t = m.target
