@@ -433,7 +433,6 @@ def fused_parts(module: AdapterModule, config: ShapeConfig | None) -> list[Adapt
     LoHa: both ``w*_a`` factors' rows are sliced; other families become the part's rows of their dense ΔW.
     """
     from ..arch import fused_parts as part_targets
-    from .math import delta
 
     parts = part_targets(module.target)
     if not parts:
@@ -444,19 +443,23 @@ def fused_parts(module: AdapterModule, config: ShapeConfig | None) -> list[Adapt
             hint="merge it into the single-file (BFL) transformer instead",
         )
     out = []
-    t = module.tensors
     for part in parts:
         part = part.sized(config) if config is not None else part
-        lo, hi = part.rows
-        if module.family == "lora":
-            tensors = {**t, "up": t["up"][lo:hi]}
-        elif module.family == "loha" and "hada_t1" not in t:
-            tensors = {**t, "hada_w1_a": t["hada_w1_a"][lo:hi], "hada_w2_a": t["hada_w2_a"][lo:hi]}
-        else:
-            tensors = {"diff": delta(module)[lo:hi]}
-        family = module.family if "diff" not in tensors else "full"
-        out.append(AdapterModule(part, family, tensors))
+        out.append(_rows_module(module, *part.rows, part))
     return out
+
+
+def _rows_module(module: AdapterModule, lo: int, hi: int, target: ModuleTarget) -> AdapterModule:
+    """The module whose ΔW is rows ``lo:hi`` of ``module``'s, on ``target``, exactly: LoRA slices the up's rows
+    (the down and the rank stay), LoHa both ``w*_a`` factors' rows; other families take their dense ΔW rows."""
+    from .math import delta
+
+    t = module.tensors
+    if module.family == "lora":
+        return AdapterModule(target, "lora", {**t, "up": t["up"][lo:hi]})
+    if module.family == "loha" and "hada_t1" not in t:
+        return AdapterModule(target, "loha", {**t, "hada_w1_a": t["hada_w1_a"][lo:hi], "hada_w2_a": t["hada_w2_a"][lo:hi]})
+    return AdapterModule(target, "full", {"diff": delta(module)[lo:hi]})
 
 
 # ----------------------------------------------------------------------------- writing
@@ -550,7 +553,6 @@ def split_swapped(adapter: LoadedAdapter) -> LoadedAdapter:
     stores swapped (FLUX ``norm_out.linear``) by two modules, each one half of the ΔW on the swapped rows
     (exact: LoRA up rows / LoHa ``w*_a`` rows are sliced, other families take their dense ΔW rows)."""
     from ..arch import swapped_halves
-    from .math import delta
 
     for name in list(adapter.modules):
         module = adapter.modules[name]
@@ -561,13 +563,6 @@ def split_swapped(adapter: LoadedAdapter) -> LoadedAdapter:
             raise MappingError(f"{name}: a DoRA module on norm_out cannot be merged into a BFL file",
                                hint="merge it into the diffusers transformer instead")
         del adapter.modules[name]
-        t = module.tensors
         for i, ((lo, hi), target) in enumerate(halves):
-            if module.family == "lora":
-                tensors, family = {**t, "up": t["up"][lo:hi]}, "lora"
-            elif module.family == "loha" and "hada_t1" not in t:
-                tensors, family = {**t, "hada_w1_a": t["hada_w1_a"][lo:hi], "hada_w2_a": t["hada_w2_a"][lo:hi]}, "loha"
-            else:
-                tensors, family = {"diff": delta(module)[lo:hi]}, "full"
-            adapter.modules[f"{name}/{'ab'[i]}"] = AdapterModule(target, family, tensors)
+            adapter.modules[f"{name}/{'ab'[i]}"] = _rows_module(module, lo, hi, target)
     return adapter
