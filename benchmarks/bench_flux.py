@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import child_main, run_child  # noqa: E402
+from harness import child_main, cold, run_child  # noqa: E402
 
 HERE = Path(__file__).resolve()
 
@@ -61,14 +61,6 @@ def extract(base: str, tuned: str, out: str) -> None:
 STEPS = {"cp_sync": cp_sync, "merge": merge, "convert": convert, "resize": resize, "extract": extract}
 
 
-def cold(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -102,8 +94,8 @@ def main() -> None:
         rows = []
 
         def measure(step: str, a: Path, b: Path, out: Path, keep: bool = False) -> dict:
-            cold(a)
-            cold(b)
+            cold(str(a))
+            cold(str(b))
             r = run_child(str(HERE), step, str(a), str(b), str(out))
             if not keep:
                 _remove(out)

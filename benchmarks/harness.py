@@ -8,6 +8,7 @@ memory the process itself allocated — the number that bounds what a merge need
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -65,6 +66,16 @@ def run_child(script: str, *args: str, python: str | None = None) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{args[0]} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cold(path: str) -> None:
+    """Drop a file's pages from the page cache (clean pages only: the inputs are never written)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def warm(path: str) -> None:

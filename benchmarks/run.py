@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # support.synth: the file generator
 
-from harness import child_main, run_child, warm  # noqa: E402
+from harness import child_main, cold, run_child, warm  # noqa: E402
 
 HERE = Path(__file__).resolve()
 
@@ -134,16 +134,6 @@ def _files(folder: Path, arch: str) -> tuple[Path, Path]:
     if not lora.exists():
         save_tensors(lora, dict(iter_lora(arch, rank=32, alpha=16.0, factor=1, seed=1)), force=True)
     return ckpt, lora
-
-
-def cold(path: str) -> None:
-    """Drop a file's pages from the page cache (clean pages only: the inputs are never written)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _measure(folder: Path, step: str, ckpt: Path, lora: Path, mode: str, repeats: int, python: str | None = None) -> dict:
