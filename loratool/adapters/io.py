@@ -64,10 +64,15 @@ DIFFUSERS_SUFFIXES: dict[str, str] = {
     "lora_linear_layer.up.weight": "up",
     "alpha": "alpha",
 }
-Naming = Literal["kohya", "peft", "diffusers"]
-SUFFIXES_BY_NAMING: dict[Naming, dict[str, str]] = {
-    "kohya": KOHYA_SUFFIXES, "peft": PEFT_SUFFIXES, "diffusers": DIFFUSERS_SUFFIXES
+XLABS_SUFFIXES: dict[str, str] = {  # x-flux LoRALinearLayer: no alpha in the file (scale 1)
+    "down.weight": "down",
+    "up.weight": "up",
 }
+Naming = Literal["kohya", "peft", "diffusers", "xlabs"]
+SUFFIXES_BY_NAMING: dict[Naming, dict[str, str]] = {
+    "kohya": KOHYA_SUFFIXES, "peft": PEFT_SUFFIXES, "diffusers": DIFFUSERS_SUFFIXES, "xlabs": XLABS_SUFFIXES
+}
+WRITABLE_NAMINGS: tuple[Naming, ...] = ("kohya", "peft", "diffusers")
 
 
 class KeyParts(NamedTuple):
@@ -381,27 +386,90 @@ def load_adapter(source: TensorSource, arch: str | None = None, allow_unmapped: 
             f"{source.path}: {len(broken)} modules have broken factors: {listing(broken, 3)}",
             hint="the file is damaged or was edited by hand; get a fresh copy",
         )
+    split_qkv = trained_split_qkv(source.metadata)
     for name, roles in index.modules.items():
         fam = index.families[name]
         shapes = {r: tuple(specs[k].shape) for r, k in roles.items()}
         if not shapes_fit(fam, shapes, index.targets[name]):
             misfit.append(f"{name} {shapes} vs {index.targets[name].target_shape}")
             continue
-        modules[name] = _split_qkv_alpha(AdapterModule(
-            index.targets[name], fam, {r: source.get(k) for r, k in roles.items()}, dict(roles)
-        ), index.solution.config if index.solution else None)
+        module = AdapterModule(index.targets[name], fam, {r: source.get(k) for r, k in roles.items()}, dict(roles))
+        if _in_bfl_order(index.arch, roles):
+            module = swap_halves(module)
+        if split_qkv:
+            module = _split_qkv_alpha(module, index.solution.config if index.solution else None)
+        modules[name] = module
     if misfit:
         raise MappingError(
             f"{source.path}: {len(misfit)} modules do not fit the {arch} weights: {listing(misfit, 3)}",
             hint="the adapter is for another architecture; check --arch",
         )
-    return LoadedAdapter(arch, index.naming, modules, index.unmapped, scores, dict(source.metadata), str(source.path),
+    metadata = dict(source.metadata)
+    if split_qkv:
+        metadata = without_split_qkv(metadata)
+    return LoadedAdapter(arch, index.naming, modules, index.unmapped, scores, metadata, str(source.path),
                          index.solution.config if index.solution else None)
 
 
+def _in_bfl_order(arch: str, roles: Mapping[str, str]) -> bool:
+    """Is the module stored under a name whose rows are in the single file's order where the target keeps the
+    diffusers order (FLUX ``lora_unet_final_layer_adaLN_modulation_1`` vs ``norm_out.linear``)?"""
+    if arch != "flux1":
+        return False
+    from ..arch.flux_naming import BFL_ORDER_NAMES
+
+    parsed = split_key(next(k for r, k in roles.items() if r != "alpha"))
+    return parsed is not None and parsed.module in BFL_ORDER_NAMES
+
+
+def swap_halves(module: AdapterModule, target: ModuleTarget | None = None) -> AdapterModule:
+    """The module whose ΔW has the two row halves of ``module``'s swapped (an involution), exactly: LoRA swaps
+    the up's row halves, LoHa both ``w*_a``; other families become their dense ΔW."""
+    import torch
+
+    from .math import delta
+
+    target = target or module.target
+    t = module.tensors
+
+    def swap(x):
+        h = x.shape[0] // 2
+        return torch.cat([x[h:], x[:h]])
+
+    if module.family == "lora":
+        return AdapterModule(target, "lora", {**t, "up": swap(t["up"])}, module.keys)
+    if module.family == "loha" and "hada_t1" not in t:
+        return AdapterModule(target, "loha", {**t, "hada_w1_a": swap(t["hada_w1_a"]), "hada_w2_a": swap(t["hada_w2_a"])},
+                             module.keys)
+    return AdapterModule(target, "full", {"diff": swap(delta(module))}, module.keys)
+
+
+def trained_split_qkv(metadata: Mapping[str, str]) -> bool:
+    """Was the file trained by sd-scripts with ``split_qkv`` (its ``ss_network_args`` say so)?"""
+    from ..metadata import parse_json_field
+
+    args = parse_json_field(metadata, "ss_network_args")
+    return isinstance(args, dict) and str(args.get("split_qkv", "")).lower() in ("true", "1")
+
+
+def without_split_qkv(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The metadata of a ``split_qkv`` file once its alphas are read in loratool's convention
+    (:func:`_split_qkv_alpha`): ``split_qkv`` leaves ``ss_network_args`` so that a file written from it,
+    which stores those alphas, is read with the plain ``alpha / rank`` rule by every tool, loratool included."""
+    import json
+
+    from ..metadata import parse_json_field
+
+    out = dict(metadata)
+    args = {k: v for k, v in parse_json_field(metadata, "ss_network_args").items() if k != "split_qkv"}
+    out["ss_network_args"] = json.dumps(args)
+    return out
+
+
 def _split_qkv_alpha(module: AdapterModule, config: ShapeConfig | None) -> AdapterModule:
-    """kohya ``split_qkv`` files (FLUX): a fused module stores its p parts' LoRAs as one — downs stacked
-    (p·r rows), the up block-diagonal — with the *per-part* alpha, and sd-scripts scales by ``alpha / r``.
+    """kohya ``split_qkv`` files (FLUX; ``ss_network_args`` has ``split_qkv``): a fused module stores its p parts'
+    LoRAs as one — downs stacked (p·r rows), the up block-diagonal — with the *per-part* alpha, and sd-scripts
+    scales by ``alpha / r``.
     Read with the usual ``alpha / rank`` (rank p·r) that would be p times too small, so such a module's
     alpha is taken as ``p · alpha`` in memory: the same ΔW as sd-scripts applies, in the one convention
     every other command uses (a file written from it stores that alpha, and is exact in any loader)."""
@@ -417,9 +485,10 @@ def _split_qkv_alpha(module: AdapterModule, config: ShapeConfig | None) -> Adapt
         return module
     up = t["up"].reshape(t["up"].shape[0], -1)
     block = r // p
+    start = module.target.rows[0] if module.target.rows else 0
     for i, part in enumerate(parts):
         lo, hi = (part.sized(config) if config is not None else part).rows
-        rows = up[lo:hi]
+        rows = up[lo - start:hi - start]
         if rows[:, : i * block].any() or rows[:, (i + 1) * block:].any():
             return module  # not block-diagonal: an ordinary fused LoRA
     return replace(module, tensors={**t, "alpha": t["alpha"].double() * p})
@@ -442,10 +511,11 @@ def fused_parts(module: AdapterModule, config: ShapeConfig | None) -> list[Adapt
             f"{module.target.name}: a DoRA module on a fused tensor cannot be split (its norm is over the whole tensor)",
             hint="merge it into the single-file (BFL) transformer instead",
         )
+    start = module.target.rows[0] if module.target.rows else 0  # a module on some parts' rows only (XLabs qkv)
     out = []
     for part in parts:
         part = part.sized(config) if config is not None else part
-        out.append(_rows_module(module, *part.rows, part))
+        out.append(_rows_module(module, part.rows[0] - start, part.rows[1] - start, part))
     return out
 
 
@@ -482,8 +552,12 @@ def native_keys(target: ModuleTarget, naming: Naming) -> NativeKeys:
     ``module.lora_A.weight`` / ``.lora_B.weight`` (alpha folded, see :mod:`loratool.ops.convert`);
     diffusers: ``module.lora.down.weight`` (UNet) or ``module.lora_linear_layer.down.weight`` (text encoders).
     """
+    if naming not in WRITABLE_NAMINGS:
+        raise InternalError(f"no {naming} keys are written ({target.name})")
     if naming == "kohya":
         n = target.name
+        if not n.startswith("lora_"):
+            raise InternalError(f"{n} has no kohya name; widen it to its whole tensor first (fuse_parts)")
         return NativeKeys(f"{n}.lora_down.weight", f"{n}.lora_up.weight", f"{n}.alpha", f"{n}.dora_scale")
     m = target.peft_module
     if naming == "peft":
@@ -545,6 +619,86 @@ def split_fused(adapter: LoadedAdapter) -> LoadedAdapter:
             del adapter.modules[name]
             for part in parts:
                 adapter.modules[part.target.name] = part
+    return adapter
+
+
+def fuse_parts(adapter: LoadedAdapter) -> LoadedAdapter:
+    """For kohya output: give every module on a whole BFL tensor its kohya name (``norm_out`` with its rows in
+    BFL order, as ``lora_unet_final_layer_adaLN_modulation_1``: in memory for writing only), and replace, in place,
+    the LoRA modules that each change some rows of one fused single-file tensor (PEFT/diffusers q, k, v and
+    MLP-in parts; XLabs' single-block qkv) by one module on the whole tensor, its kohya module, exactly;
+    returns ``adapter``.
+
+    Parts that share one down and one scale (a fused LoRA split for PEFT) fuse back at their rank: the ups'
+    rows are stacked, rows no part covers are zero, the alpha is kept. Otherwise the downs are stacked and the
+    up is block-diagonal (rank Σ rᵢ); with one common scale s the alpha is s·Σ rᵢ and the factors are unchanged,
+    else each part's scale is folded into its up block and alpha = Σ rᵢ. Such a file has no ``split_qkv`` in its
+    metadata, so every loader (and loratool) applies ``alpha / rank``. DoRA, LoHa and LoKr parts, and parts whose
+    tensor also has a whole-tensor module in the file, are left as they are (kohya-style names of the parts).
+    """
+    import torch
+
+    from ..arch import kohya_modules
+    from .families import scale_of
+
+    if adapter.arch != "flux1":
+        return adapter
+    from ..arch import swapped_halves
+    from ..arch.flux_naming import BFL_ORDER_KOHYA_NAME, extra_kohya_modules
+
+    whole = {t.address: t for t in (*kohya_modules(adapter.arch).values(), *extra_kohya_modules().values())}
+    for name, m in list(adapter.modules.items()):  # a diffusers Linear that is a whole BFL tensor: its kohya name
+        t = m.target
+        if swapped_halves(t) and BFL_ORDER_KOHYA_NAME not in adapter.modules and not m.is_dora:
+            del adapter.modules[name]  # norm_out: kohya names it by the BFL tensor, rows in BFL order
+            adapter.modules[BFL_ORDER_KOHYA_NAME] = swap_halves(m, replace(t, name=BFL_ORDER_KOHYA_NAME))
+            continue
+        if t.rows is None and t.address in whole and whole[t.address].name != name and not swapped_halves(t):
+            target = whole[t.address].sized(adapter.config) if adapter.config is not None else whole[t.address]
+            if target.name not in adapter.modules:
+                del adapter.modules[name]
+                adapter.modules[target.name] = replace(m, target=target)
+    present = {m.target.address for m in adapter.modules.values() if m.target.rows is None}
+    groups: dict[str, list[str]] = {}
+    for name, m in adapter.modules.items():
+        t = m.target
+        if (t.rows is not None and t.address in whole and t.address not in present and m.family == "lora"
+                and not m.is_dora and "mid" not in m.tensors):
+            groups.setdefault(t.address, []).append(name)
+    for address, names in groups.items():
+        target = whole[address]
+        if adapter.config is not None:
+            target = target.sized(adapter.config)
+        parts = sorted((adapter.modules[n] for n in names), key=lambda m: m.target.rows)
+        first = parts[0].tensors
+        out_rows = target.shape[0]
+        dt = first["up"].dtype
+        scales = [scale_of("lora", m.tensors) for m in parts]
+        shared = all(torch.equal(m.tensors["down"], first["down"]) for m in parts) and len(set(scales)) == 1
+        if shared:
+            r = first["down"].shape[0]
+            up = torch.zeros(out_rows, r, dtype=dt)
+            for m in parts:
+                up[slice(*m.target.rows)] = m.tensors["up"].reshape(-1, r)
+            tensors = {"down": first["down"], "up": up}
+            if "alpha" in first:
+                tensors["alpha"] = first["alpha"]
+        else:
+            ranks = [m.tensors["down"].shape[0] for m in parts]
+            total = sum(ranks)
+            common = len(set(scales)) == 1
+            up = torch.zeros(out_rows, total, dtype=dt)
+            col = 0
+            for m, r, s in zip(parts, ranks, scales):
+                block = m.tensors["up"].reshape(-1, r)
+                up[slice(*m.target.rows), col:col + r] = block if common else (block.double() * s).to(dt)
+                col += r
+            down = torch.cat([m.tensors["down"].reshape(r, -1) for m, r in zip(parts, ranks)])
+            alpha = scales[0] * total if common else float(total)
+            tensors = {"down": down.to(dt), "up": up, "alpha": torch.tensor(alpha, dtype=torch.float64)}
+        for n in names:
+            del adapter.modules[n]
+        adapter.modules[target.name] = AdapterModule(target, "lora", tensors)
     return adapter
 
 

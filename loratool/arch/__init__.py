@@ -126,7 +126,8 @@ def fused_parts(target: ModuleTarget) -> list[ModuleTarget]:
         return []
     from .flux_naming import split_modules
 
-    parts = [t for t in split_modules().values() if t.address == target.address]
+    keys = set(target.diffusers_key.split("+"))
+    parts = [t for t in split_modules().values() if t.address == target.address and t.diffusers_key in keys]
     return sorted(parts, key=lambda t: t.rows or (0, 0))
 
 

@@ -13,6 +13,10 @@ Two kinds of target:
 ComfyUI / ai-toolkit files name the fused modules by their BFL path (``diffusion_model.double_blocks.0.img_attn.qkv``
 with ``lora_A``/``lora_B`` or ``lora_down``/``lora_up``), LyCORIS sometimes as ``lycoris_double_blocks_0_img_attn_qkv``.
 
+XLabs files (x-flux) name processors added to BFL layers (``double_blocks.0.processor.qkv_lora1``: 1 the image,
+2 the text stream; ``single_blocks.0.processor.qkv_lora`` covers linear1's q, k, v rows, not its MLP rows), with
+``down``/``up`` factors and no alpha (scale 1, as x-flux and diffusers apply them): :data:`XLABS_PROCESSORS`.
+
 Text-encoder modules (kohya ``lora_te1_`` CLIP-L, ``lora_te3_`` T5-XXL; PEFT ``text_encoder.``) are shared by
 both namings. ``norm_out.linear`` is BFL's ``final_layer.adaLN_modulation.1`` with its two halves (shift,
 scale) swapped: its target keeps the diffusers orientation, and a merge into a BFL tensor applies the two
@@ -21,11 +25,13 @@ halves of its ΔW to the swapped rows (:func:`loratool.arch.swapped_halves`).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cache
 
 from . import ModuleTarget, _read, kohya_modules
 
 _SPLIT_PREFIX = "lora_transformer_"
+_T5_KOHYA, _T5_ALIAS = "lora_te3_", "lora_te2_"  # kohya's T5 prefix; the second text encoder's prefix elsewhere
 
 
 @cache
@@ -57,6 +63,74 @@ def split_modules() -> dict[str, ModuleTarget]:
 
 SWAPPED_HALVES = frozenset(d for d, _, _, t, _, _ in links() if t == "swap_halves")
 
+# XLabs (x-flux) LoRA processors: processor attribute → the BFL layer whose output it adds to, and the diffusers
+# parts of that layer it covers (None: all of it). The single blocks' ``qkv_lora`` adds to linear1's q, k, v rows
+# only, not its MLP-in rows. 1 is the image stream, 2 the text stream.
+XLABS_PROCESSORS: dict[str, dict[str, tuple[str, tuple[str, ...] | None]]] = {
+    "double_blocks": {
+        "qkv_lora1": ("img_attn.qkv", None), "proj_lora1": ("img_attn.proj", None),
+        "qkv_lora2": ("txt_attn.qkv", None), "proj_lora2": ("txt_attn.proj", None),
+    },
+    "single_blocks": {
+        "qkv_lora": ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v")), "proj_lora": ("linear2", None),
+    },
+}
+
+
+@cache
+def xlabs_modules() -> dict[str, ModuleTarget]:
+    """XLabs module name (``double_blocks.0.processor.qkv_lora1``) → target, from the kohya table's targets
+    (:data:`XLABS_PROCESSORS`): the whole fused tensor, or the row slice of the parts the processor covers."""
+    by_address = {t.address: t for t in kohya_modules("flux1").values() if t.component == "transformer"}
+    parts_of: dict[str, list[ModuleTarget]] = {}
+    for part in split_modules().values():
+        parts_of.setdefault(part.address, []).append(part)
+    out: dict[str, ModuleTarget] = {}
+    for blocks, processors in XLABS_PROCESSORS.items():
+        n = 0
+        while f"{blocks}.{n}.{next(iter(processors.values()))[0]}.weight" in by_address:
+            for proc, (layer, parts) in processors.items():
+                whole = by_address[f"{blocks}.{n}.{layer}.weight"]
+                name = f"{blocks}.{n}.processor.{proc}"
+                if parts is None:
+                    out[name] = whole
+                    continue
+                prefix = whole.diffusers_key.split("/", 1)[1].split(".")[:2]  # single_transformer_blocks.N
+                wanted = {f"transformer/{'.'.join(prefix)}.{p}.weight" for p in parts}
+                chosen = sorted((t for t in parts_of[whole.address] if t.diffusers_key in wanted),
+                                key=lambda t: t.rows)
+                if len(chosen) != len(parts) or any(a.rows[1] != b.rows[0] for a, b in zip(chosen, chosen[1:])):
+                    raise AssertionError(f"flux1: XLabs {name} covers no contiguous rows of {whole.address}")
+                rows = (chosen[0].rows[0], chosen[-1].rows[1])
+                out[name] = ModuleTarget(name, "linear", whole.address, rows, whole.shape,
+                                         "+".join(t.diffusers_key for t in chosen))
+            n += 1
+    return out
+
+
+@cache
+def extra_kohya_modules() -> dict[str, ModuleTarget]:
+    """kohya names of the BFL Linear weights outside kohya's default network (``img_in``, ``txt_in``,
+    ``time_in``, ``vector_in``, ``guidance_in``, ``final_layer.linear``): ``lora_unet_`` + the BFL path, the names
+    diffusers' kohya FLUX converter reads and ComfyUI's key map builds for every BFL weight. They target the whole
+    BFL tensor. ``lora_unet_final_layer_adaLN_modulation_1`` is not here: it holds ``norm_out`` in BFL's (swapped)
+    row order, see :data:`BFL_ORDER_NAMES`."""
+    taken = {t.address for t in kohya_modules("flux1").values()}
+    out = {}
+    for target in split_modules().values():
+        if target.rows is None and target.address not in taken and target.diffusers_key not in SWAPPED_HALVES:
+            name = "lora_unet_" + target.address.removesuffix(".weight").replace(".", "_")
+            out[name] = replace(target, name=name)
+    return out
+
+
+# native names of the norm_out module in BFL's row order (shift and scale halves swapped against diffusers'
+# norm_out.linear): read as the diffusers-ordered target with the halves of ΔW swapped back (:func:`bfl_order`)
+_NORM_OUT = "final_layer.adaLN_modulation.1"
+BFL_ORDER_NAMES = frozenset({"lora_unet_" + _NORM_OUT.replace(".", "_"), "diffusion_model." + _NORM_OUT,
+                             "lycoris_" + _NORM_OUT.replace(".", "_")})
+BFL_ORDER_KOHYA_NAME = "lora_unet_" + _NORM_OUT.replace(".", "_")
+
 
 @cache
 def module_index(arch: str = "flux1") -> dict[str, tuple[str, ModuleTarget]]:
@@ -71,6 +145,8 @@ def module_index(arch: str = "flux1") -> dict[str, tuple[str, ModuleTarget]]:
 
     for target in kohya_modules("flux1").values():
         add(target.name, "kohya", target)
+        if target.name.startswith(_T5_KOHYA):  # LyCORIS, OneTrainer and ComfyUI also call FLUX's T5 lora_te2_
+            add(_T5_ALIAS + target.name[len(_T5_KOHYA):], "kohya", target)
         if target.component != "transformer":
             add(target.peft_module, "peft", target)
         else:  # ComfyUI / ai-toolkit spell the fused modules by their BFL path; LyCORIS may prefix lycoris_
@@ -80,6 +156,17 @@ def module_index(arch: str = "flux1") -> dict[str, tuple[str, ModuleTarget]]:
     for target in split_modules().values():
         add(target.name, "kohya", target)
         add(target.peft_module, "peft", target)
+    for name, target in xlabs_modules().items():
+        add(name, "xlabs", target)
+        add("diffusion_model." + name, "xlabs", target)
+    for name, target in extra_kohya_modules().items():
+        path = target.address.removesuffix(".weight")
+        add(name, "kohya", target)
+        add("diffusion_model." + path, "peft", target)
+        add("lycoris_" + path.replace(".", "_"), "kohya", target)
+    norm_out = next(t for t in split_modules().values() if t.diffusers_key in SWAPPED_HALVES)
+    for name in BFL_ORDER_NAMES:
+        add(name, "peft" if name.startswith("diffusion_model.") else "kohya", norm_out)
     return out
 
 

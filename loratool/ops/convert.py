@@ -15,7 +15,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ import torch
 from .. import dtypes
 from ..adapters import DEFAULT_REL_TOL, FAMILIES, AdapterModule, rank_of, to_lora_factors
 from ..adapters.families import missing_roles
-from ..adapters.io import is_alpha_key, module_tensors, split_fused
+from ..adapters.io import fuse_parts, is_alpha_key, module_tensors, split_fused
 from ..arch.sd import EMA_PREFIX
 from ..arch.sd_checkpoint import SCHEDULE_BUFFERS
 from ..errors import LoratoolError, MappingError, OutputError, listing
@@ -328,6 +328,9 @@ def _convert_adapter(
             recorded = {str(k): float(v) for k, v in json.loads(source.metadata[PEFT_ALPHA_KEY]).items()}
         except (TypeError, ValueError):
             recorded = {}
+    if naming_out == "kohya":
+        _undo_peft_fold(loaded, recorded, naming_in)
+        fuse_parts(loaded)  # kohya names a fused tensor once (FLUX q, k, v, MLP-in parts stacked back)
     _check_roles(str(source.path), loaded.modules)
     bad = [name for name, m in loaded.modules.items() if "diff_b" in m.tensors]
     if bad:
@@ -361,10 +364,6 @@ def _convert_adapter(
         down, up = _out_shapes(target, naming_out, down, up, keep_rank)
         out_alpha = None
         if naming_out == "kohya":
-            original = recorded.get(target.peft_module)
-            if original and naming_in != "kohya" and original != 0 and k == rank_in:
-                up = up * (k / original)  # undo the fold a PEFT export made
-                alpha = original
             out_alpha = _alpha_tensor(module, alpha, dtype or dtypes.name_of(src_dtype))
         else:
             up = up * (alpha / k)  # fold alpha/rank into lora_B; lora_alpha = rank reproduces ΔW
@@ -396,7 +395,7 @@ def _convert_adapter(
                 clamped.append((key, n))
             tensors[key] = t
         specs[key] = TensorSpec(tuple(t.shape), dtypes.name_of(t.dtype))
-    metadata = {k: v for k, v in source.metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash", PEFT_ALPHA_KEY)}
+    metadata = {k: v for k, v in loaded.metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash", PEFT_ALPHA_KEY)}
     fams = sorted(loaded.families)
     if any(m.how == "svd" for m in results):
         # the training record described the LyCORIS network; say what the file now holds
@@ -463,6 +462,20 @@ def _check_roles(path: str, modules: Mapping[str, AdapterModule]) -> None:
             f"{path}: {len(problems)} keys do not fit their module's family: {listing(problems, 4)}",
             hint="the file mixes adapter families in one module or is truncated",
         )
+
+
+def _undo_peft_fold(loaded, recorded: dict[str, float], naming_in: str) -> None:
+    """A PEFT/diffusers file that loratool wrote records each module's original alpha (the fold of
+    ``alpha/rank`` into ``lora_B`` is undone for kohya output: up·rank/alpha, alpha restored; ΔW unchanged)."""
+    if naming_in == "kohya" or not recorded:
+        return
+    for name, m in list(loaded.modules.items()):
+        original = recorded.get(m.target.peft_module)
+        if not original or m.family != "lora" or "alpha" in m.tensors:
+            continue
+        k = m.tensors["down"].shape[0]
+        loaded.modules[name] = replace(m, tensors={**m.tensors, "up": m.tensors["up"] * (k / original),
+                                                   "alpha": torch.tensor(original, dtype=torch.float64)})
 
 
 def _alpha_tensor(module: AdapterModule, alpha: float, dtype: str) -> torch.Tensor:
