@@ -13,6 +13,18 @@ not list gets weight 0: the short layouts only list the blocks that hold attenti
 resnet-only blocks (IN00, IN03, ... in the 17-slot layout) are switched off by them. UNet modules
 outside every block (``time_embed``, ``out``; only LyCORIS' ``full`` preset targets them) keep
 weight 1.
+
+FLUX.1 takes the 61-slot layout of hako-mikan's block-weight tools for Flux (supermerger's ``BLOCKIDFLUX``):
+
+    CLIP    CLIP-L modules (kohya ``lora_te1_``)
+    T5      T5-XXL modules (``lora_te3_``, also ``lora_te2_``)
+    IN      the input embedders: ``img_in``, ``txt_in``, ``time_in``, ``vector_in``, ``guidance_in``
+    Dnn     ``double_blocks.nn`` (D00–D18)
+    Snn     ``single_blocks.nn`` (S00–S37)
+    OUT     ``final_layer`` (``norm_out`` and ``proj_out`` in diffusers names)
+
+hako-mikan's table lists no ``guidance_in``; loratool counts it as IN (an input embedding, like ``time_in``).
+Anything else (Chroma's ``distilled_guidance_layer``) keeps weight 1. The presets NONE, ALL and ALL0.5 apply.
 """
 
 from __future__ import annotations
@@ -31,11 +43,18 @@ SLOTS_17 = (
 SLOTS_12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05")
 SLOTS_20 = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))
 
+SLOTS_FLUX = ("CLIP", "T5", "IN", *(f"D{i:02d}" for i in range(19)), *(f"S{i:02d}" for i in range(38)), "OUT")
+
 LAYOUTS: dict[str, dict[int, tuple[str, ...]]] = {
     "sd1": {17: SLOTS_17, 26: SLOTS_26},
     "sd2": {17: SLOTS_17, 26: SLOTS_26},
     "sdxl": {12: SLOTS_12, 20: SLOTS_20},
+    "flux1": {61: SLOTS_FLUX},
 }
+# FLUX.1: the BFL layers outside the numbered blocks, by slot
+_FLUX_EDGES = {"img_in": "IN", "txt_in": "IN", "time_in": "IN", "vector_in": "IN", "guidance_in": "IN",
+               "final_layer": "OUT"}
+_FLUX_TEXT = {"text_encoder": "CLIP", "text_encoder_2": "T5"}
 
 # The extension's built-in 17-slot presets (SD1/SD2).
 PRESETS_17: dict[str, str] = {
@@ -58,7 +77,12 @@ _BLOCK_RE = re.compile(r"^model\.diffusion_model\.(input_blocks|middle_block|out
 
 def block_of(target: ModuleTarget) -> str | None:
     """The slot of one module: ``BASE`` for text encoders, ``INnn`` / ``M00`` / ``OUTnn`` for UNet blocks,
-    None for UNet modules outside the numbered blocks."""
+    None for UNet modules outside the numbered blocks; for FLUX.1 (a ``transformer`` model) the slots above."""
+    if target.component == "transformer" or target.diffusers_key.startswith("transformer/"):
+        head, _, rest = target.address.partition(".")
+        if head in ("double_blocks", "single_blocks"):
+            return f"{head[0].upper()}{int(rest.split('.')[0]):02d}"
+        return _FLUX_EDGES.get(head)
     if target.component != "unet":
         return "BASE"
     m = _BLOCK_RE.match(target.address)
@@ -80,6 +104,8 @@ class BlockWeights:
 
     def weight_for(self, target: ModuleTarget) -> float:
         block = block_of(target)
+        if block == "BASE" and self.slots == SLOTS_FLUX:
+            block = _FLUX_TEXT.get(target.component)
         if block is None:
             return 1.0
         table = dict(zip(self.slots, self.weights))
@@ -102,12 +128,14 @@ def parse_block_weights(text: str, arch: str) -> BlockWeights:
     name = text.strip()
     if name.upper() in PRESETS_17:
         key = name.upper()
-        if arch == "sdxl":
+        if arch in ("sdxl", "flux1"):
             if key not in UNIFORM_PRESETS:
                 raise LoratoolError(
-                    f"--lbw preset {name!r} is a 17-slot SD1/SD2 preset", hint=f"give SDXL {counts} numbers, comma-separated"
+                    f"--lbw preset {name!r} is a 17-slot SD1/SD2 preset",
+                    hint=f"give {arch} {counts} numbers, comma-separated",
                 )
-            return BlockWeights(SLOTS_12, (UNIFORM_PRESETS[key],) * 12, key)
+            slots = min(layouts.items())[1]
+            return BlockWeights(slots, (UNIFORM_PRESETS[key],) * len(slots), key)
         values = PRESETS_17[key]
     else:
         values = name

@@ -67,6 +67,16 @@ COMPONENT_PREFIXES = (
     ("text_encoders.t5xxl.", "text_encoder_2"),
     ("vae.", "vae"),
 )
+# ComfyUI's separate files of an all-in-one FLUX checkpoint (models/diffusion_models, models/text_encoders,
+# models/vae): component → (file name, key prefix in the all-in-one file, keys under the component's own prefix
+# that are not under that key prefix). A component file holds the keys with the key prefix removed.
+COMPONENT_FILES: tuple[tuple[str, str, str, frozenset[str]], ...] = (
+    ("transformer", "transformer.safetensors", SINGLE_FILE_PREFIX, frozenset()),
+    ("text_encoder", "clip_l.safetensors", "text_encoders.clip_l.transformer.", frozenset({"logit_scale"})),
+    ("text_encoder_2", "t5xxl.safetensors", "text_encoders.t5xxl.transformer.", frozenset()),
+    ("vae", "ae.safetensors", "vae.", frozenset()),
+)
+
 COMPONENT_LABELS = {"transformer": "transformer", "text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL", "vae": "VAE"}
 _TOP = ("img_in.", "time_in.", "vector_in.", "guidance_in.", "txt_in.", "double_blocks.", "single_blocks.", "final_layer.")
 

@@ -15,9 +15,16 @@ from . import options as opt
 @click.option(
     "--to",
     "to",
-    type=click.Choice(["kohya", "peft", "diffusers", "ldm", "lora"]),
-    help="LoRA naming (kohya, peft, diffusers), plain LoRA from LyCORIS (lora), or checkpoint layout (ldm, diffusers).",
+    type=click.Choice(["kohya", "peft", "diffusers", "ldm", "lora", "components", "comfyui"]),
+    help="LoRA naming (kohya, peft, diffusers), plain LoRA from LyCORIS (lora), checkpoint layout (ldm, diffusers), "
+         "or FLUX.1 ComfyUI all-in-one file → a folder of component files (components) and back (comfyui).",
 )
+@click.option("--clip-l", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="--to comfyui: the CLIP-L file (ComfyUI models/text_encoders) to put beside the transformer IN.")
+@click.option("--t5", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="--to comfyui: the T5-XXL file.")
+@click.option("--vae", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="--to comfyui: the autoencoder file (ae.safetensors).")
 @opt.dtype("Cast float tensors (clamped to the format's range); integer tensors are never touched.")
 @click.option("--prune", is_flag=True, help="Drop EMA weights and training-only state from a full checkpoint.")
 @opt.arch()
@@ -46,6 +53,9 @@ def command(
     prediction_type: str | None,
     force: bool,
     as_json: bool,
+    clip_l: Path | None = None,
+    t5: Path | None = None,
+    vae: Path | None = None,
 ) -> None:
     """Convert IN to OUT. OUT's extension picks the container (.safetensors, or .ckpt/.pt/.pth/.bin).
 
@@ -54,12 +64,35 @@ def command(
     loratool convert lora.safetensors lora-peft.safetensors --to peft
     loratool convert loha.safetensors lora.safetensors --to lora
     loratool convert model.safetensors model-folder --to diffusers
+    loratool convert flux-aio.safetensors parts --to components
+    loratool convert parts/transformer.safetensors aio.safetensors --to comfyui --clip-l parts/clip_l.safetensors \\
+        --t5 parts/t5xxl.safetensors --vae parts/ae.safetensors
     """
+    from contextlib import ExitStack
+
+    from ..errors import LoratoolError
     from ..io.source import open_file
+    from ..ops.components import join_components, split_components
     from ..ops.convert import convert
     from ..render import convert as render
     from ..render.common import progress_bar
 
+    extra = {"text_encoder": clip_l, "text_encoder_2": t5, "vae": vae}
+    if to != "comfyui" and any(extra.values()):
+        raise LoratoolError("--clip-l, --t5 and --vae go with --to comfyui", hint="leave them out, or add --to comfyui")
+    if to in ("components", "comfyui"):
+        with ExitStack() as stack:
+            source = stack.enter_context(open_file(src))
+            bar = stack.enter_context(progress_bar(f"converting {src.name}", not as_json,
+                                                   lambda key: key.rsplit(".", 2)[0][-48:]))
+            if to == "components":
+                report = split_components(source, out, dtype=dtype, force=force, on_progress=bar)
+            else:
+                parts = {"transformer": source}
+                parts.update({c: stack.enter_context(open_file(p)) for c, p in extra.items() if p is not None})
+                report = join_components(parts, out, dtype=dtype, force=force, on_progress=bar)
+        render.render_json(report) if as_json else render.render(report)
+        return
     source = open_file(src)
     try:
         with progress_bar(f"converting {src.name}", not as_json, lambda key: key.rsplit(".", 2)[0][-48:]) as on_progress:
