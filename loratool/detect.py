@@ -374,6 +374,8 @@ def _detect_adapter(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]
     mapped = sum(len(r) for r in index.modules.values())
     runner = next(((a, s) for a, s in scores if a != chosen), None)
     evidence = [f"{mapped} of {len(keys)} keys map to {len(index.modules)} {chosen} modules"]
+    if index.replaced:
+        evidence.append(f"{len(index.replaced)} keys are {chosen} tensors given in full (a control LoRA's norm scales)")
     if index.unmapped:
         evidence.append(f"{len(index.unmapped)} keys map to no {chosen} module")
     if index.modules:

@@ -60,6 +60,7 @@ class AdapterSummary:
     unmapped: tuple[str, ...]
     shape_config: dict[str, int]  # the config dimensions the factors determine (the rest stay standard)
     standard_shapes: bool  # every one of them has the released model's value
+    control: dict | None = None  # BFL control LoRA: {"bias_modules", "replaced", "img_in_width"}; None otherwise
 
 
 @dataclass(frozen=True)
@@ -315,7 +316,20 @@ def _adapter_summary(modules: tuple[ModuleInfo, ...], index: AdapterIndex, specs
         unmapped=tuple(index.unmapped),
         shape_config=observed,
         standard_shapes=all(v == standard[k] for k, v in observed.items()),
+        control=_control(index, specs),
     )
+
+
+def _control(index: AdapterIndex, specs) -> dict | None:
+    """What makes a file a BFL control LoRA: LoRA biases, tensors given in full, a widened img_in."""
+    bias = sum("up_bias" in roles for roles in index.modules.values())
+    if not bias and not index.replaced:
+        return None
+    width = None
+    for name, roles in index.modules.items():
+        if index.targets[name].address == "img_in.weight" and "down" in roles:
+            width = int(specs[roles["down"]].shape[1])
+    return {"bias_modules": bias, "replaced": len(index.replaced), "img_in_width": width}
 
 
 # ----------------------------------------------------------------------------- --keys
@@ -428,6 +442,7 @@ def as_dict(report: Inspection) -> dict:
             "unmapped": list(a.unmapped),
             "shape_config": a.shape_config,
             "standard_shapes": a.standard_shapes,
+            "control": a.control,
         }
     t = report.triggers
     return {

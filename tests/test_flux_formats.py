@@ -405,3 +405,107 @@ def test_onetrainer_dora_file_with_text_encoders_merges_into_a_comfyui_file(base
         torch.testing.assert_close(m.get(fc1), b.get(fc1) + 0.8 * 0.5 * ref(lora[f"{n}.lora_up.weight"],
                                                                              lora[f"{n}.lora_down.weight"]),
                                    rtol=1e-5, atol=1e-6)
+
+
+def control_lora(factor: int, rank: int, dtype=torch.float32, full: bool = False) -> dict[str, torch.Tensor]:
+    """A BFL control LoRA (FLUX.1 Depth/Canny LoRA layout): bare BFL names, lora_A / lora_B with lora_B.bias, img_in
+    taking 2× the latent inputs, and the q/k norm scales in full. ``full``: every layer diffusers' converter needs."""
+    from loratool.arch.flux_naming import extra_kohya_modules
+
+    g = torch.Generator().manual_seed(21)
+    config = tiny_config("flux1", factor) if factor > 1 else None
+    targets = [t for t in (*__import__("loratool.arch", fromlist=["kohya_modules"]).kohya_modules("flux1").values(),
+                           *extra_kohya_modules().values()) if t.component == "transformer"]
+    if not full:
+        keep = ("img_in.weight", "double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear1.weight")
+        targets = [t for t in targets if t.address in keep]
+    out = {}
+    for t in targets:
+        rows, cols = (t.sized(config) if config else t).target_shape
+        if t.address == "img_in.weight":
+            cols *= 2  # the control image's latents beside the noisy latents
+        path = t.address.removesuffix(".weight")
+        out[f"{path}.lora_A.weight"] = (torch.randn(rank, cols, generator=g) * 0.1).to(dtype)
+        out[f"{path}.lora_B.weight"] = (torch.randn(rows, rank, generator=g) * 0.1).to(dtype)
+        out[f"{path}.lora_B.bias"] = (torch.randn(rows, generator=g) * 0.1).to(dtype)
+    width = H if config else 3072
+    head = 16 if config else 128
+    out["final_layer.adaLN_modulation.1.lora_A.weight"] = (torch.randn(rank, width, generator=g) * 0.1).to(dtype)
+    out["final_layer.adaLN_modulation.1.lora_B.weight"] = (torch.randn(2 * width, rank, generator=g) * 0.1).to(dtype)
+    out["final_layer.adaLN_modulation.1.lora_B.bias"] = (torch.randn(2 * width, generator=g) * 0.1).to(dtype)
+    blocks = [("double_blocks", 19, ("img_attn", "txt_attn")), ("single_blocks", 38, ("",))] if full else \
+        [("double_blocks", 1, ("img_attn",)), ("single_blocks", 2, ("",))]
+    for kind, n, streams in blocks:
+        for i in range(n) if full else [n - 1]:
+            for stream_ in streams:
+                for which in ("query_norm", "key_norm"):
+                    mid = f"{stream_}.norm" if stream_ else "norm"
+                    out[f"{kind}.{i}.{mid}.{which}.scale"] = (torch.rand(head, generator=g) + 0.5).to(dtype)
+    return out
+
+
+def test_control_lora_merges_into_a_dev_file_as_a_depth_layout_checkpoint(base, tmp_path, capsys):
+    """img_in is widened with zero columns (as diffusers expands x_embedder), then W + ratio·B@A; every bias gets
+    ratio·lora_B.bias; the norm scales are set to the LoRA's (at any ratio, as diffusers' loader does)."""
+    lora = control_lora(64, rank=3)
+    path = tmp_path / "depth-lora.safetensors"
+    save_tensors(path, lora)
+    assert main(["inspect", str(path)]) == 0
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", str(base / "base.safetensors"), f"{path}:0.9", "-o", str(out)]) == 0
+    with open_file(base / "base.safetensors") as b, open_file(out) as m:
+        w = b.get("img_in.weight")
+        want = torch.cat([w, torch.zeros_like(w)], dim=1) + 0.9 * ref(lora["img_in.lora_B.weight"], lora["img_in.lora_A.weight"])
+        torch.testing.assert_close(m.get("img_in.weight"), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.get("img_in.bias"), b.get("img_in.bias") + 0.9 * lora["img_in.lora_B.bias"])
+        q = "double_blocks.0.img_attn.qkv"
+        torch.testing.assert_close(m.get(f"{q}.weight"), b.get(f"{q}.weight") + 0.9 * ref(lora[f"{q}.lora_B.weight"],
+                                                                                          lora[f"{q}.lora_A.weight"]),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.get(f"{q}.bias"), b.get(f"{q}.bias") + 0.9 * lora[f"{q}.lora_B.bias"])
+        f = "final_layer.adaLN_modulation.1"  # BFL row order in the file: no swap into a BFL base
+        torch.testing.assert_close(m.get(f"{f}.weight"), b.get(f"{f}.weight") + 0.9 * ref(lora[f"{f}.lora_B.weight"],
+                                                                                          lora[f"{f}.lora_A.weight"]),
+                                   rtol=1e-5, atol=1e-6)
+        for key in ("double_blocks.0.img_attn.norm.query_norm.scale", "single_blocks.1.norm.key_norm.scale"):
+            assert torch.equal(m.get(key), lora[key])
+        assert torch.equal(m.get("txt_in.weight"), b.get("txt_in.weight"))
+    capsys.readouterr()
+    assert main(["inspect", "--json", str(out)]) == 0
+    assert "FLUX.1-depth" in capsys.readouterr().out
+    # into a diffusers folder the widened x_embedder would contradict its config.json: refused, nothing written
+    folder = tmp_path / "folder"
+    assert main(["convert", str(base / "base.safetensors"), str(folder), "--to", "diffusers"]) == 0
+    assert main(["merge", str(folder), str(path), "-o", str(tmp_path / "mf")]) == 2
+    assert not (tmp_path / "mf").exists()
+    assert main(["convert", str(path), str(tmp_path / "k.safetensors"), "--to", "kohya"]) == 2
+
+
+def test_diffusers_bfl_control_converter_agrees_with_our_peft_conversion(tmp_path):
+    """diffusers' own BFL control-LoRA converter (real widths: a full-width rank-2 file) gives the same modules,
+    ΔW, biases and norm weights as our --to peft conversion of that file — except norm_out, where diffusers swaps
+    the halves of lora_A as well as lora_B (a permutation of the rank axis that changes ΔW; at rank 1 it fails):
+    there our lora_B is the file's with its halves swapped and our lora_A is the file's, ΔW in diffusers' order."""
+    pytest.importorskip("diffusers")
+    from diffusers.loaders.lora_conversion_utils import _convert_bfl_flux_control_lora_to_diffusers
+
+    lora = control_lora(1, rank=2, dtype=torch.bfloat16, full=True)
+    src, peft = tmp_path / "control.safetensors", tmp_path / "peft.safetensors"
+    save_tensors(src, lora)
+    assert main(["convert", str(src), str(peft), "--to", "peft"]) == 0
+    theirs = _convert_bfl_flux_control_lora_to_diffusers(dict(lora))
+    with open_file(peft) as p:
+        ours = {k: p.get(k) for k in p.keys()}
+    mods = lambda sd: {k.rsplit(".lora_", 1)[0] for k in sd if ".lora_" in k}  # noqa: E731
+    assert mods(ours) == mods(theirs)
+    assert {k for k in ours if ".lora_" not in k} == {k for k in theirs if ".lora_" not in k}  # the norm weights
+    norm_out = "transformer.norm_out.linear"
+    f = "final_layer.adaLN_modulation.1"
+    half = lambda x: torch.cat([x[x.shape[0] // 2:], x[: x.shape[0] // 2]])  # noqa: E731
+    assert torch.equal(ours[f"{norm_out}.lora_B.weight"], half(lora[f"{f}.lora_B.weight"]))
+    assert torch.equal(ours[f"{norm_out}.lora_A.weight"], lora[f"{f}.lora_A.weight"])
+    assert torch.equal(ours[f"{norm_out}.lora_B.bias"], half(lora[f"{f}.lora_B.bias"]))
+    assert torch.equal(theirs[f"{norm_out}.lora_A.weight"], half(lora[f"{f}.lora_A.weight"]))  # the rank axis swapped
+    for k in theirs:  # every other factor, bias and norm weight: the same tensor, bit for bit
+        if k != f"{norm_out}.lora_A.weight":
+            assert torch.equal(ours[k], theirs[k]), k

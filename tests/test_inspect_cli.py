@@ -20,8 +20,8 @@ GOLDEN_TOP = {
 }
 GOLDEN_DETECTION = {"arch", "arch_label", "confidence", "description", "evidence", "forced", "naming", "other", "runner_up"}
 GOLDEN_ADAPTER = {
-    "by_component", "dora_modules", "families", "family", "layers", "modules", "rank_alpha", "shape_config", "standard_shapes",
-    "tucker_modules", "unmapped",
+    "by_component", "control", "dora_modules", "families", "family", "layers", "modules", "rank_alpha", "shape_config",
+    "standard_shapes", "tucker_modules", "unmapped",
 }
 GOLDEN_HASHES = {
     "addnet", "addnet_short", "autov2", "legacy", "legacy_match", "model_match", "sha256", "stored_legacy", "stored_model",

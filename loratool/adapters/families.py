@@ -2,7 +2,8 @@
 
 Roles are the internal vocabulary for a module's tensors (native key names live in :mod:`.io`):
 
-    lora   down (r,in[,kh,kw]), up (out,r[,1,1]), mid (r,r,kh,kw; LoCon Tucker), alpha, dora_scale
+    lora   down (r,in[,kh,kw]), up (out,r[,1,1]), mid (r,r,kh,kw; LoCon Tucker), alpha, dora_scale,
+           up_bias (out,; PEFT ``lora_B.bias``, BFL control LoRAs: the bias ΔW is scale·up_bias)
     loha   hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, hada_t1, hada_t2, alpha, dora_scale
     lokr   lokr_w1 | lokr_w1_a+lokr_w1_b, lokr_w2 | lokr_w2_a+lokr_w2_b, lokr_t2, alpha, dora_scale
     full   diff (the whole ΔW), diff_b (bias ΔW)
@@ -46,7 +47,8 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("lora", "LoRA", frozenset({"down", "up", "mid", "alpha", "dora_scale"}), ((frozenset({"down", "up"}),),)),
+        Family("lora", "LoRA", frozenset({"down", "up", "mid", "alpha", "dora_scale", "up_bias", "down_bias"}),
+               ((frozenset({"down", "up"}),),)),
         Family(
             "loha",
             "LoHa",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -53,6 +53,8 @@ KOHYA_SUFFIXES: dict[str, str] = {
 PEFT_SUFFIXES: dict[str, str] = {
     "lora_A.weight": "down",
     "lora_B.weight": "up",
+    "lora_B.bias": "up_bias",  # LoRA with a bias (PEFT lora_bias; BFL control LoRAs)
+    "lora_A.bias": "down_bias",  # read as up_bias + up @ down_bias (exact), never kept
     "lora_magnitude_vector": "dora_scale",
     "lora_magnitude_vector.weight": "dora_scale",
     "alpha": "alpha",
@@ -111,6 +113,7 @@ class AdapterIndex:
     unmapped: list[str]
     solution: Solution | None = None  # the shape config read off the factors (:func:`sized_index`); targets sized to it
     proportional: frozenset[str] = frozenset()  # modules whose sizes keep the standard proportions of that config
+    replaced: dict[str, str] = field(default_factory=dict)  # single-file key → native key of a tensor given in full
 
     def require_all_mapped(self, path: str = "", allow_unmapped: bool = False) -> None:
         if self.unmapped and not allow_unmapped:
@@ -142,7 +145,13 @@ def index_adapter(keys: Iterable[str], arch: str) -> AdapterIndex:
     targets: dict[str, ModuleTarget] = {}
     namings: dict[str, int] = {}
     unmapped: list[str] = []
+    replaced: dict[str, str] = {}
+    whole = replaceable_keys(arch)
     for key in keys:
+        bare = key.removeprefix("diffusion_model.")
+        if bare in whole:  # a BFL control LoRA's own norm scales, given in full
+            replaced[bare] = key
+            continue
         parsed = split_key(key)
         if parsed is None:
             unmapped.append(key)
@@ -173,7 +182,20 @@ def index_adapter(keys: Iterable[str], arch: str) -> AdapterIndex:
             continue
         families[name] = family_of(roles)
     naming = max(namings, key=namings.get) if namings else "kohya"
-    return AdapterIndex(arch, naming, modules, targets, families, sorted(unmapped))
+    if replaced and not modules:  # full tensors alone are a (partial) checkpoint, not an adapter
+        unmapped.extend(replaced.values())
+        replaced = {}
+    return AdapterIndex(arch, naming, modules, targets, families, sorted(unmapped), replaced=replaced)
+
+
+def replaceable_keys(arch: str) -> frozenset[str]:
+    """Single-file keys an adapter may carry in full, replacing the base's tensor: FLUX.1's q/k norm scales
+    (BFL control LoRAs ship their own ``…norm.query_norm.scale`` / ``key_norm.scale``)."""
+    from ..arch import checkpoint_layout
+
+    if arch != "flux1":
+        return frozenset()
+    return frozenset(k for k in checkpoint_layout(arch, "ldm") if k.endswith(("query_norm.scale", "key_norm.scale")))
 
 
 def shapes_fit(family: str, shapes: Mapping[str, tuple[int, ...]], target: ModuleTarget) -> bool:
@@ -245,13 +267,14 @@ def _factor_dims(family: str, shapes: Mapping[str, tuple[int, ...]], target_shap
 
 
 def _observations(index: AdapterIndex, specs: Mapping[str, object]):
-    """``(name, component, standard (out, in), actual (out, in))`` per module whose factors give both sizes."""
+    """``(name, component, standard (out, in), actual (out, in), address)`` per module whose factors give both
+    sizes."""
     for name, roles in index.modules.items():
         t = index.targets[name]
         ts = t.target_shape
         dims = _factor_dims(index.families[name], {r: tuple(specs[k].shape) for r, k in roles.items()}, ts)
         if dims is not None and len(ts) > 1:
-            yield name, t.component, ts[:2], dims
+            yield name, t.component, ts[:2], dims, t.address
 
 
 def sized_index(index: AdapterIndex, specs: Mapping[str, object]) -> AdapterIndex:
@@ -264,8 +287,9 @@ def sized_index(index: AdapterIndex, specs: Mapping[str, object]) -> AdapterInde
         return index
     rules = shape_rules(index.arch)
     seen = list(_observations(index, specs))
-    solution = rules.solve((comp, std, actual) for _, comp, std, actual in seen)
-    kept = frozenset(name for name, comp, std, actual in seen if rules.in_proportion(solution, comp, std, actual))
+    solution = rules.solve((comp, std, actual, key) for _, comp, std, actual, key in seen)
+    kept = frozenset(name for name, comp, std, actual, key in seen
+                     if rules.in_proportion(solution, comp, std, actual, key))
     targets = {n: t.sized(solution.config) for n, t in index.targets.items()}
     return replace(index, targets=targets, solution=solution, proportional=kept)
 
@@ -317,7 +341,7 @@ def best_arch(
     for arch in arches:
         idx = sized_index(index_adapter(keys, arch), specs)
         fitting = fit_count(idx, specs)
-        mapped_keys = sum(len(r) for r in idx.modules.values())
+        mapped_keys = sum(len(r) for r in idx.modules.values()) + len(idx.replaced)
         name_score = mapped_keys / max(1, len(keys))
         shape_score = fitting / max(1, len(idx.modules))
         score = name_score * (0.5 + 0.5 * shape_score) + (0.1 if recorded == arch and name_score else 0.0)
@@ -348,6 +372,12 @@ class LoadedAdapter:
     metadata: dict[str, str]
     path: str = ""
     config: ShapeConfig | None = None  # the shape config read off the factors; every target is sized to it
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict)  # single-file key → tensor given in full
+
+    @property
+    def is_control(self) -> bool:
+        """A BFL control LoRA (FLUX Depth/Canny): LoRA biases or norm scales given in full."""
+        return bool(self.replaced) or any("up_bias" in m.tensors for m in self.modules.values())
 
     @property
     def families(self) -> set[str]:
@@ -394,6 +424,8 @@ def load_adapter(source: TensorSource, arch: str | None = None, allow_unmapped: 
             misfit.append(f"{name} {shapes} vs {index.targets[name].target_shape}")
             continue
         module = AdapterModule(index.targets[name], fam, {r: source.get(k) for r, k in roles.items()}, dict(roles))
+        if "down_bias" in module.tensors:
+            module = _fold_down_bias(module)
         if _in_bfl_order(index.arch, roles):
             module = swap_halves(module)
         if split_qkv:
@@ -407,8 +439,19 @@ def load_adapter(source: TensorSource, arch: str | None = None, allow_unmapped: 
     metadata = dict(source.metadata)
     if split_qkv:
         metadata = without_split_qkv(metadata)
+    replaced = {address: source.get(key) for address, key in index.replaced.items()}
     return LoadedAdapter(arch, index.naming, modules, index.unmapped, scores, metadata, str(source.path),
-                         index.solution.config if index.solution else None)
+                         index.solution.config if index.solution else None, replaced)
+
+
+def _fold_down_bias(module: AdapterModule) -> AdapterModule:
+    """``lora_A.bias`` b_A adds ``up @ b_A`` to the layer's output: the same as an up bias (exact)."""
+    t = dict(module.tensors)
+    down_bias = t.pop("down_bias").float()
+    up = t["up"].float().reshape(t["up"].shape[0], -1)
+    extra = up @ down_bias.reshape(-1)
+    t["up_bias"] = (t["up_bias"].float() + extra if "up_bias" in t else extra).to(t["up"].dtype)
+    return AdapterModule(module.target, module.family, t, module.keys)
 
 
 def _in_bfl_order(arch: str, roles: Mapping[str, str]) -> bool:
@@ -437,7 +480,8 @@ def swap_halves(module: AdapterModule, target: ModuleTarget | None = None) -> Ad
         return torch.cat([x[h:], x[:h]])
 
     if module.family == "lora":
-        return AdapterModule(target, "lora", {**t, "up": swap(t["up"])}, module.keys)
+        rows = {"up": swap(t["up"]), **({"up_bias": swap(t["up_bias"])} if "up_bias" in t else {})}
+        return AdapterModule(target, "lora", {**t, **rows}, module.keys)
     if module.family == "loha" and "hada_t1" not in t:
         return AdapterModule(target, "loha", {**t, "hada_w1_a": swap(t["hada_w1_a"]), "hada_w2_a": swap(t["hada_w2_a"])},
                              module.keys)
@@ -526,7 +570,8 @@ def _rows_module(module: AdapterModule, lo: int, hi: int, target: ModuleTarget) 
 
     t = module.tensors
     if module.family == "lora":
-        return AdapterModule(target, "lora", {**t, "up": t["up"][lo:hi]})
+        rows = {"up": t["up"][lo:hi], **({"up_bias": t["up_bias"][lo:hi]} if "up_bias" in t else {})}
+        return AdapterModule(target, "lora", {**t, **rows})
     if module.family == "loha" and "hada_t1" not in t:
         return AdapterModule(target, "loha", {**t, "hada_w1_a": t["hada_w1_a"][lo:hi], "hada_w2_a": t["hada_w2_a"][lo:hi]})
     return AdapterModule(target, "full", {"diff": delta(module)[lo:hi]})
@@ -543,6 +588,7 @@ class NativeKeys:
     up: str
     alpha: str | None
     dora_scale: str | None
+    up_bias: str | None = None
 
 
 def native_keys(target: ModuleTarget, naming: Naming) -> NativeKeys:
@@ -561,7 +607,7 @@ def native_keys(target: ModuleTarget, naming: Naming) -> NativeKeys:
         return NativeKeys(f"{n}.lora_down.weight", f"{n}.lora_up.weight", f"{n}.alpha", f"{n}.dora_scale")
     m = target.peft_module
     if naming == "peft":
-        return NativeKeys(f"{m}.lora_A.weight", f"{m}.lora_B.weight", None, None)
+        return NativeKeys(f"{m}.lora_A.weight", f"{m}.lora_B.weight", None, None, f"{m}.lora_B.bias")
     mid = "lora" if target.component in DENOISERS else "lora_linear_layer"
     return NativeKeys(f"{m}.{mid}.down.weight", f"{m}.{mid}.up.weight", None, None)
 
@@ -573,21 +619,37 @@ def module_tensors(
     up: torch.Tensor,
     alpha: torch.Tensor | None = None,
     dora_scale: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One LoRA module as ``{native key: tensor}`` (the only place adapter keys are put together).
 
     Raises:
-        InternalError: an alpha or DoRA magnitude for a naming that has no key for it.
+        InternalError: an alpha, DoRA magnitude or LoRA bias for a naming that has no key for it.
     """
     keys = native_keys(target, naming)
     out = {keys.down: down, keys.up: up}
-    for key, value, what in ((keys.alpha, alpha, "alpha"), (keys.dora_scale, dora_scale, "dora_scale")):
+    for key, value, what in ((keys.alpha, alpha, "alpha"), (keys.dora_scale, dora_scale, "dora_scale"),
+                             (keys.up_bias, up_bias, "up_bias")):
         if value is None:
             continue
         if key is None:
             raise InternalError(f"{naming} naming has no {what} key ({target.name})")
         out[key] = value
     return out
+
+
+def replaced_key(arch: str, address: str, naming: Naming) -> str:
+    """The key of a tensor an adapter gives in full (a control LoRA's norm scale) in ``naming``: the BFL key for
+    kohya-style files, ``transformer.`` + the diffusers key for PEFT / diffusers names."""
+    if naming == "kohya":
+        return address
+    from ..arch.sd_checkpoint import checkpoint_links
+
+    links = checkpoint_links(arch).by_ldm.get(address)
+    if not links or len(links) != 1:
+        raise InternalError(f"{address} has no single diffusers counterpart")
+    comp, key = links[0].diffusers_key.split("/", 1)
+    return f"{comp}.{key}"
 
 
 def is_alpha_key(key: str) -> bool:
@@ -663,7 +725,7 @@ def fuse_parts(adapter: LoadedAdapter) -> LoadedAdapter:
     for name, m in adapter.modules.items():
         t = m.target
         if (t.rows is not None and t.address in whole and t.address not in present and m.family == "lora"
-                and not m.is_dora and "mid" not in m.tensors):
+                and not m.is_dora and "mid" not in m.tensors and "up_bias" not in m.tensors):
             groups.setdefault(t.address, []).append(name)
     for address, names in groups.items():
         target = whole[address]

@@ -83,6 +83,17 @@ def lokr_delta(t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.T
     return torch.kron(w1, w2).reshape(shape)
 
 
+def bias_delta(module: AdapterModule) -> torch.Tensor | None:
+    """Scaled Δb of one module in float32 — a full module's ``diff_b``; a LoRA with a bias (``lora_B.bias``)
+    adds ``(alpha / rank) · up_bias`` — or None when the module leaves the bias alone."""
+    t = module.tensors
+    if "diff_b" in t:
+        return t["diff_b"].float()
+    if "up_bias" in t:
+        return t["up_bias"].float() * scale_of(module.family, t)
+    return None
+
+
 def delta(module: AdapterModule, shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """Scaled ΔW of one module in float32: ``(alpha / rank) · ΔW_family``, shaped like the target.
 

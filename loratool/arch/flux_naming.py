@@ -127,7 +127,7 @@ def extra_kohya_modules() -> dict[str, ModuleTarget]:
 # native names of the norm_out module in BFL's row order (shift and scale halves swapped against diffusers'
 # norm_out.linear): read as the diffusers-ordered target with the halves of ΔW swapped back (:func:`bfl_order`)
 _NORM_OUT = "final_layer.adaLN_modulation.1"
-BFL_ORDER_NAMES = frozenset({"lora_unet_" + _NORM_OUT.replace(".", "_"), "diffusion_model." + _NORM_OUT,
+BFL_ORDER_NAMES = frozenset({"lora_unet_" + _NORM_OUT.replace(".", "_"), "diffusion_model." + _NORM_OUT, _NORM_OUT,
                              "lycoris_" + _NORM_OUT.replace(".", "_")})
 BFL_ORDER_KOHYA_NAME = "lora_unet_" + _NORM_OUT.replace(".", "_")
 
@@ -152,6 +152,7 @@ def module_index(arch: str = "flux1") -> dict[str, tuple[str, ModuleTarget]]:
         else:  # ComfyUI / ai-toolkit spell the fused modules by their BFL path; LyCORIS may prefix lycoris_
             path = target.address.removesuffix(".weight")
             add("diffusion_model." + path, "peft", target)
+            add(path, "peft", target)  # BFL control LoRAs: bare BFL paths with lora_A / lora_B
             add("lycoris_" + path.replace(".", "_"), "kohya", target)
     for target in split_modules().values():
         add(target.name, "kohya", target)
@@ -163,10 +164,11 @@ def module_index(arch: str = "flux1") -> dict[str, tuple[str, ModuleTarget]]:
         path = target.address.removesuffix(".weight")
         add(name, "kohya", target)
         add("diffusion_model." + path, "peft", target)
+        add(path, "peft", target)
         add("lycoris_" + path.replace(".", "_"), "kohya", target)
     norm_out = next(t for t in split_modules().values() if t.diffusers_key in SWAPPED_HALVES)
     for name in BFL_ORDER_NAMES:
-        add(name, "peft" if name.startswith("diffusion_model.") else "kohya", norm_out)
+        add(name, "kohya" if name.startswith(("lora_", "lycoris_")) else "peft", norm_out)
     return out
 
 

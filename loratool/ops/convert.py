@@ -23,7 +23,8 @@ import torch
 from .. import dtypes
 from ..adapters import DEFAULT_REL_TOL, FAMILIES, AdapterModule, rank_of, to_lora_factors
 from ..adapters.families import missing_roles
-from ..adapters.io import fuse_parts, is_alpha_key, module_tensors, split_fused
+from ..adapters.io import fuse_parts, is_alpha_key, module_tensors, replaced_key, split_fused
+from ..adapters.math import bias_delta
 from ..arch.sd import EMA_PREFIX
 from ..arch.sd_checkpoint import SCHEDULE_BUFFERS
 from ..errors import LoratoolError, MappingError, OutputError, listing
@@ -329,8 +330,15 @@ def _convert_adapter(
         except (TypeError, ValueError):
             recorded = {}
     if naming_out == "kohya":
+        if loaded.is_control:
+            raise MappingError(
+                f"{source.path} is a control LoRA (LoRA biases, norm scales given in full): kohya names have no keys "
+                "for those", hint="convert it with --to peft (diffusers reads that), or merge it into a checkpoint",
+            )
         _undo_peft_fold(loaded, recorded, naming_in)
         fuse_parts(loaded)  # kohya names a fused tensor once (FLUX q, k, v, MLP-in parts stacked back)
+    elif naming_out == "diffusers" and loaded.is_control:
+        naming_out = "peft"  # the legacy diffusers names have no bias keys; diffusers reads PEFT names
     _check_roles(str(source.path), loaded.modules)
     bad = [name for name, m in loaded.modules.items() if "diff_b" in m.tensors]
     if bad:
@@ -369,9 +377,12 @@ def _convert_adapter(
             up = up * (alpha / k)  # fold alpha/rank into lora_B; lora_alpha = rank reproduces ΔW
             alphas_out[target.peft_module] = alpha
         out_dt = dtypes.to_torch(dtype) if dtype else src_dtype
+        up_bias = bias_delta(module) if "up_bias" in module.tensors else None  # PEFT output: scale 1
+        if up_bias is not None and not dtype:
+            up_bias = up_bias.to(out_dt)
         tensors.update(module_tensors(
             target, naming_out, down.to(out_dt) if not dtype else down, up.to(out_dt) if not dtype else up,
-            out_alpha, module.dora_scale,
+            out_alpha, module.dora_scale, up_bias,
         ))
         if module.family == "lora" and (max_rank is None or (rank_in or 0) <= max_rank):
             how = "folded mid" if "mid" in module.tensors else "kept"
@@ -380,6 +391,8 @@ def _convert_adapter(
         results.append(ModuleResult(name, module.family, rank_in, k, err, how))
         if on_progress:
             on_progress(i + 1, len(loaded.modules), name)
+    for address, tensor in sorted(loaded.replaced.items()):
+        tensors[replaced_key(loaded.arch, address, naming_out)] = tensor
     if too_far:
         raise MappingError(
             f"{source.path}: {len(too_far)} modules exceed --max-error {max_error:g} as LoRA: {listing(too_far, 4)}",

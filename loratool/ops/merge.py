@@ -28,6 +28,7 @@ import torch
 from .. import dtypes
 from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, rank_of, scale_of
 from ..adapters.io import module_tensors, save_adapter, split_fused, split_swapped
+from ..adapters.math import bias_delta
 from ..arch import ARCH_LABELS, DENOISERS
 from ..blockweights import BlockWeights
 from ..detect import detect_checkpoint, is_adapter
@@ -115,7 +116,8 @@ class Assignment:
     module: str
     family: str
     ratio: float
-    part: str = "weight"  # "bias" for a full-diff module's ``diff_b``
+    part: str = "weight"  # "bias": the module's bias ΔW (diff_b, lora_B.bias); "set": a tensor given in full
+    shape: tuple[int, ...] | None = None  # the output's shape when the module widens the weight (FLUX img_in)
 
 
 @dataclass(frozen=True)
@@ -161,24 +163,57 @@ def plan_checkpoint_merge(
                 missing.append((ad.path, f"{name} → {key}"))
                 continue
             want = t.shape if base_naming == "ldm" else t.target_shape
-            if tuple(base_specs[key].shape) != tuple(want):
-                misfit.append(f"{name} needs {key} {tuple(want)}, the base has {tuple(base_specs[key].shape)}")
-                continue
+            have = tuple(base_specs[key].shape)
+            widen = None
+            if have != tuple(want):
+                if base_naming == "ldm" and widens(t, have, want):
+                    widen = tuple(want)
+                else:
+                    misfit.append(f"{name} needs {key} {tuple(want)}, the base has {have}")
+                    continue
             comp = unet_ratio if t.component in DENOISERS else te_ratio
             bw = block_weights.weight_for(t) if block_weights is not None else 1.0
-            plan.append(Assignment(key, rows, i, name, m.family, ratio * comp * bw))
-            if "diff_b" in m.tensors:  # a full module's bias ΔW goes to the bias next to the weight (same rows)
+            plan.append(Assignment(key, rows, i, name, m.family, ratio * comp * bw, shape=widen))
+            if "diff_b" in m.tensors or "up_bias" in m.tensors:  # the bias ΔW goes to the bias beside the weight
                 bias = key.removesuffix("weight") + "bias"
                 if bias not in base_specs:
-                    missing.append((ad.path, f"{name}.diff_b → {bias}"))
+                    missing.append((ad.path, f"{name} bias → {bias}"))
                 else:
                     plan.append(Assignment(bias, rows, i, name, m.family, ratio * comp * bw, "bias"))
+        for address in sorted(ad.replaced):
+            key = prefix + address if base_naming == "ldm" else _diffusers_key(address)
+            if key not in base_specs:
+                missing.append((ad.path, f"{address} (given in full) → {key}"))
+            elif tuple(base_specs[key].shape) != tuple(ad.replaced[address].shape):
+                misfit.append(f"{address} is {tuple(ad.replaced[address].shape)}, the base has {tuple(base_specs[key].shape)}")
+            else:
+                plan.append(Assignment(key, None, i, address, "set", ratio, "set"))
+    sets = [a.key for a in plan if a.part == "set"]
+    if len(sets) != len(set(sets)):
+        raise MappingError(f"two adapters replace the same tensors: {listing(sorted({k for k in sets if sets.count(k) > 1}))}",
+                           hint="merge one control LoRA at a time")
     if misfit:
         raise MappingError(
             f"{len(misfit)} modules do not fit the base's weights: {listing(misfit, 3)}",
             hint="the LoRA was made for a model of another size; check that base and LoRA are the same architecture",
         )
     return plan, missing
+
+
+def widens(target, have: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """Does a module for ``want`` fit a base weight ``have`` that is narrower only in its input width, on a layer
+    whose input width is a model setting (FLUX ``img_in``: 64 for dev, 128 for a Depth/Canny control LoRA)? The
+    merge then widens the weight with zero columns first — what diffusers does when it loads such a LoRA — and
+    writes a checkpoint of the wider layout (a Depth/Canny-layout FLUX.1 file)."""
+    return (target.address == "img_in.weight" and len(have) == len(want) == 2 and have[0] == want[0]
+            and have[1] < want[1])
+
+
+def _diffusers_key(address: str) -> str:
+    from ..arch.sd_checkpoint import checkpoint_links
+
+    links = checkpoint_links("flux1").by_ldm.get(address)
+    return links[0].diffusers_key if links and len(links) == 1 else address
 
 
 def _module_on(module: AdapterModule, device: torch.device) -> AdapterModule:
@@ -270,8 +305,10 @@ def merge_into_checkpoint(
         if a.ratio != 0:
             by_key.setdefault(a.key, []).append(a)
     out_dtype = dtypes.parse_cli(dtype) if dtype else None
+    widened = {a.key: a.shape for a in plan if a.shape is not None}
     out_specs = {
-        k: TensorSpec(s.shape, out_dtype if out_dtype and s.dtype in dtypes.FLOAT_NAMES else s.dtype) for k, s in specs.items()
+        k: TensorSpec(widened.get(k, s.shape), out_dtype if out_dtype and s.dtype in dtypes.FLOAT_NAMES else s.dtype)
+        for k, s in specs.items()
     }
     dev = resolve_device(device)
     inputs = [base_source.path, *(ad.path for ad, _ in adapters)]
@@ -284,24 +321,31 @@ def merge_into_checkpoint(
 
         def merged(key: str) -> Callable[[torch.Tensor], torch.Tensor]:
             assignments = by_key[key]
-            mods = [adapters[a.adapter][0].modules[a.module] for a in assignments]
+            mods = [adapters[a.adapter][0].modules.get(a.module) for a in assignments]
 
             writer, name = writers[key]
             scale = _fp8_scale(base_source, specs, key)
-            if scale is None and dev.type == "cpu" and all(_plain_lora(a, m) for a, m in zip(assignments, mods)):
+            wide = widened.get(key)
+            if (scale is None and wide is None and dev.type == "cpu"
+                    and all(_plain_lora(a, m) for a, m in zip(assignments, mods))):
                 return lambda tensor: _merge_blocked(tensor, assignments, mods, writer, name)
 
             def fn(tensor: torch.Tensor) -> torch.Tensor:
-                work = tensor.numel() * sum(rank_of(m.family, m.tensors) or 64 for m in mods)
+                work = tensor.numel() * sum(rank_of(m.family, m.tensors) or 64 for m in mods if m is not None)
                 with threads(threads_for(work) if dev.type == "cpu" else None):
                     w = tensor.to(dev, torch.float32)
                     if scale is not None:
                         w = w * scale
+                    if wide is not None:  # new input columns start at zero (diffusers' expansion rule)
+                        w = torch.cat([w, w.new_zeros(w.shape[0], wide[1] - w.shape[1])], dim=1)
                     for a, m in zip(assignments, mods):
+                        if a.part == "set":
+                            w = adapters[a.adapter][0].replaced[a.module].to(dev, torch.float32).reshape(w.shape).clone()
+                            continue
                         module = _module_on(m, dev)
                         lo, hi = a.rows if a.rows is not None else (0, w.shape[0])
                         if a.part == "bias":
-                            w[lo:hi] += a.ratio * module.tensors["diff_b"].float().reshape(w[lo:hi].shape)
+                            w[lo:hi] += a.ratio * bias_delta(module).reshape(w[lo:hi].shape)
                         else:
                             w[lo:hi] = apply_to_weight(w[lo:hi], module, a.ratio)
                 return w if scale is None else w / scale  # scaled fp8 keeps its scale; the cast clamps to its range

@@ -91,6 +91,13 @@ def _render_one(r: Inspection) -> None:
             f"rank {rank if rank is not None else '-'} / alpha {_alpha(al)}: {n}" for rank, al, n in a.rank_alpha
         )
         _kv(g, "rank / alpha", hist)
+        if a.control:
+            c = a.control
+            parts = [f"LoRA biases on {c['bias_modules']} modules", f"{c['replaced']} norm scales given in full"]
+            if c["img_in_width"]:
+                parts.append(f"img_in takes {c['img_in_width']} inputs (merging widens a narrower base's img_in "
+                             "with zero columns)")
+            _kv(g, "control LoRA", escape("; ".join(parts)))
         if not a.standard_shapes:
             dims = ", ".join(f"{k} {v}" for k, v in a.shape_config.items())
             _kv(g, "shape config", f"[dim]not the released model's: {escape(dims)}[/]")
