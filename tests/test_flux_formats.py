@@ -509,3 +509,39 @@ def test_diffusers_bfl_control_converter_agrees_with_our_peft_conversion(tmp_pat
     for k in theirs:  # every other factor, bias and norm weight: the same tensor, bit for bit
         if k != f"{norm_out}.lora_A.weight":
             assert torch.equal(ours[k], theirs[k]), k
+
+
+def test_extract_all_layers_takes_the_embedders_and_norm_out_in_bfl_order(base, tmp_path):
+    """--all-layers adds img_in, txt_in, time_in, vector_in, guidance_in, final_layer.linear and norm_out (as
+    lora_unet_final_layer_adaLN_modulation_1, BFL row order) to kohya's 304 modules; from diffusers folders the
+    same ΔW comes out (norm_out's halves swapped back)."""
+    from loratool.adapters import delta, load_adapter
+    from loratool.ops.extract import plan_targets
+
+    names = {t.name for t in plan_targets("flux1", True, False)[0]}
+    assert len(names) == 304 + 9 + 1 and {"lora_unet_img_in", "lora_unet_guidance_in_out_layer"} <= names
+    g = torch.Generator().manual_seed(30)
+    planted = {}
+    for n, (rows, cols) in {"lora_unet_img_in": (H, 64), "lora_unet_final_layer_adaLN_modulation_1": (2 * H, H),
+                            "lora_unet_double_blocks_1_img_mlp_0": (4 * H, H)}.items():
+        planted[f"{n}.lora_down.weight"] = torch.randn(2, cols, generator=g) * 0.5
+        planted[f"{n}.lora_up.weight"] = torch.randn(rows, 2, generator=g) * 0.5
+        planted[f"{n}.alpha"] = torch.tensor(2.0)
+    lpath = tmp_path / "planted.safetensors"
+    save_tensors(lpath, planted)
+    tuned = tmp_path / "tuned.safetensors"
+    assert main(["merge", str(base / "base.safetensors"), str(lpath), "-o", str(tuned)]) == 0
+    out = tmp_path / "e.safetensors"
+    assert main(["extract", str(tuned), str(base / "base.safetensors"), "--rank", "2", "--all-layers", "-o", str(out)]) == 0
+    folders = tmp_path / "tf", tmp_path / "bf"
+    for src, dst in zip((tuned, base / "base.safetensors"), folders):
+        assert main(["convert", str(src), str(dst), "--to", "diffusers"]) == 0
+    out2 = tmp_path / "e2.safetensors"
+    assert main(["extract", str(folders[0]), str(folders[1]), "--rank", "2", "--all-layers", "-o", str(out2)]) == 0
+    with open_file(lpath) as p, open_file(out) as e, open_file(out2) as e2:
+        want, got, got2 = load_adapter(p).modules, load_adapter(e).modules, load_adapter(e2).modules
+        assert set(got) == set(got2) == set(want)  # the other 311 targets are unchanged: skipped
+        for name, m in want.items():
+            for g_ in (got, got2):
+                err = (delta(g_[m.target.name]) - delta(m)).norm() / delta(m).norm()
+                assert float(err) < 5e-3, (name, float(err))  # the planted ΔW, up to the output dtype's rounding

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .. import dtypes
 from ..adapters.io import module_tensors, save_adapter
-from ..arch import ARCH_LABELS, ModuleTarget, kohya_modules
+from ..arch import ARCH_LABELS, DENOISERS, ModuleTarget, kohya_modules
 from ..arch.sd_checkpoint import solve_config
 from ..arch.sd_naming import all_modules
 from ..detect import detect_checkpoint
@@ -93,8 +93,16 @@ def _key(target: ModuleTarget, naming: str) -> str:
 
 def _rows(tensor: torch.Tensor, target: ModuleTarget, naming: str) -> torch.Tensor:
     """The module's rows of a fused single-file weight (``target`` sized to the file's config); a diffusers
-    folder stores q, k and v apart, so its tensor is the module's weight as it is."""
-    if target.rows is None or naming != "ldm":
+    folder stores q, k and v apart, so its tensor is the module's weight as it is — except FLUX's norm_out,
+    whose halves diffusers stores swapped against the BFL order its kohya module uses."""
+    if naming != "ldm":
+        from ..arch.flux_naming import BFL_ORDER_KOHYA_NAME
+
+        if target.name == BFL_ORDER_KOHYA_NAME:
+            h = tensor.shape[0] // 2
+            return torch.cat([tensor[h:], tensor[:h]])
+        return tensor
+    if target.rows is None:
         return tensor
     return tensor[target.rows[0]: target.rows[1]]
 
@@ -106,10 +114,14 @@ def plan_targets(arch: str, all_layers: bool, with_conv: bool) -> tuple[list[Mod
     ``flux_extract_lora.py`` extracts them); its text encoders are separate files.
     """
     if arch == "flux1":
-        if all_layers:
-            raise LoratoolError("--all-layers is not available for FLUX.1 yet",
-                                hint="leave it out: the kohya modules are extracted")
         table = {n: t for n, t in kohya_modules(arch).items() if t.component == "transformer"}
+        if all_layers:  # + the embedders, final_layer.linear and norm_out (named by its BFL tensor, BFL row order)
+            from ..arch.flux_naming import BFL_ORDER_KOHYA_NAME, extra_kohya_modules, split_modules
+            from ..arch.flux_naming import SWAPPED_HALVES as swapped
+
+            table.update(extra_kohya_modules())
+            norm_out = next(t for t in split_modules().values() if t.diffusers_key in swapped)
+            table[BFL_ORDER_KOHYA_NAME] = replace(norm_out, name=BFL_ORDER_KOHYA_NAME)
         return sorted(table.values(), key=lambda t: t.name), 0
     table = all_modules(arch) if all_layers else kohya_modules(arch)
     keep = [t for t in table.values() if with_conv or t.kind != "conv3x3"]
@@ -171,6 +183,8 @@ def extract_lora(
         targets, conv_left = plan_targets(arch, all_layers, conv_rank is not None)
         config = solve_config(arch, bspecs, bm.naming)
         targets = [t.sized(config) for t in targets]
+        if arch == "flux1" and all_layers:  # schnell has no guidance_in: a layer neither file has is not extracted
+            targets = [t for t in targets if _key(t, tm.naming) in tspecs or _key(t, bm.naming) in bspecs]
         _check_pairs(targets, tspecs, tm.naming, tuned, bspecs, bm.naming, base)
         tcache, bcache = _OneTensorCache(ts), _OneTensorCache(bs)
         pending: list[_Pending] = []
@@ -218,7 +232,7 @@ def extract_lora(
             f"{tuned.name} and {base.name} do not differ in any extracted module (min diff {min_diff:g})",
             hint="is the first file really a fine-tune of the second? lower --min-diff",
         )
-    te = [t.name for t in targets if t.component != "unet"]
+    te = [t.name for t in targets if t.component not in DENOISERS]
     te_unchanged = bool(te) and set(te) <= set(skipped)
     meta = _metadata(arch, stats, rank, conv_rank, rule, exact, tuned, base)
     written = save_adapter(out, tensors, meta, inputs=[tuned, base], force=force)
