@@ -545,3 +545,34 @@ def test_extract_all_layers_takes_the_embedders_and_norm_out_in_bfl_order(base, 
             for g_ in (got, got2):
                 err = (delta(g_[m.target.name]) - delta(m)).norm() / delta(m).norm()
                 assert float(err) < 5e-3, (name, float(err))  # the planted ΔW, up to the output dtype's rounding
+
+
+def test_scaled_fp8_converts_both_ways(base, tmp_path, capsys):
+    """--dtype fp8_e4m3fn --scaled writes ComfyUI scaled fp8 (scale_weight = max|W| / 448 per transformer weight,
+    the scaled_fp8 marker); --dtype bf16 of that file dequantizes (stored · scale_weight) and drops the scale keys.
+    A plain cast of the stored values would be wrong by the scale: the values are compared to the original."""
+    src = base / "base.safetensors"
+    fp8 = tmp_path / "fp8.safetensors"
+    assert main(["convert", str(src), str(fp8), "--dtype", "fp8_e4m3fn", "--scaled"]) == 0
+    key = "single_blocks.3.linear2.weight"
+    with open_file(src) as b, open_file(fp8) as f:
+        w = b.get(key)
+        scale = f.get("single_blocks.3.linear2.scale_weight")
+        assert scale.dtype == torch.float32 and float(scale) == pytest.approx(float(w.abs().max()) / 448, rel=1e-6)
+        stored = f.get(key)
+        assert stored.dtype == torch.float8_e4m3fn
+        assert torch.equal(stored, (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn))
+        assert f.get("single_blocks.3.linear2.bias").dtype == b.get("single_blocks.3.linear2.bias").dtype
+        assert "scaled_fp8" in set(f.keys())
+    capsys.readouterr()
+    assert main(["inspect", str(fp8)]) == 0
+    assert "scaled fp8" in capsys.readouterr().out
+    back = tmp_path / "bf16.safetensors"
+    assert main(["convert", str(fp8), str(back), "--dtype", "bf16"]) == 0
+    with open_file(src) as b, open_file(back) as f:
+        keys = set(f.keys())
+        assert not any(k.endswith("scale_weight") for k in keys) and "scaled_fp8" not in keys
+        assert keys == set(b.keys())
+        got, w = f.get(key).float(), b.get(key)
+        assert float((got - w).abs().max()) <= float(w.abs().max()) / 8  # within one fp8 step of the original
+        assert main(["convert", str(fp8), str(tmp_path / "d"), "--to", "diffusers"]) == 2  # dequantize first

@@ -27,6 +27,9 @@ from . import options as opt
               help="--to comfyui: the autoencoder file (ae.safetensors).")
 @opt.dtype("Cast float tensors (clamped to the format's range); integer tensors are never touched.")
 @click.option("--prune", is_flag=True, help="Drop EMA weights and training-only state from a full checkpoint.")
+@click.option("--scaled", is_flag=True,
+              help="With --dtype fp8_e4m3fn/fp8_e5m2 on a FLUX.1 checkpoint: ComfyUI scaled fp8 (a scale_weight per "
+                   "weight). A scaled fp8 input converted to any other dtype is dequantized.")
 @opt.arch()
 @click.option("--max-rank", type=click.IntRange(min=1), help="LyCORIS → LoRA: cap the output rank (default: exact rank).")
 @click.option(
@@ -53,6 +56,7 @@ def command(
     prediction_type: str | None,
     force: bool,
     as_json: bool,
+    scaled: bool = False,
     clip_l: Path | None = None,
     t5: Path | None = None,
     vae: Path | None = None,
@@ -108,6 +112,7 @@ def command(
                 max_error=max_error,
                 on_progress=on_progress,
                 prediction_type=prediction_type,
+                scaled=scaled,
             )
     finally:
         source.close()

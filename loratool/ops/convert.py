@@ -191,10 +191,22 @@ def _copy(
     prune: bool,
     force: bool,
     on_progress: Progress | None,
+    scaled: bool = False,
 ) -> ConvertReport:
-    """Stream every tensor from ``source`` to ``out`` (keys unchanged), casting and pruning as asked."""
+    """Stream every tensor from ``source`` to ``out`` (keys unchanged), casting and pruning as asked.
+
+    ComfyUI scaled fp8 (a ``scaled_fp8`` marker, fp8 weights with a ``scale_weight`` beside each): with another
+    ``dtype`` (or ``scaled`` off) the weights are dequantized (``W = stored · scale_weight``) and the scale keys
+    and the marker dropped; ``scaled`` with an fp8 ``dtype`` writes that format from any checkpoint (per weight
+    ``scale_weight = max|W| / fp8 max``, ``stored = W / scale_weight`` rounded to nearest even)."""
     keys = source.keys()
     pruned = [(k, r) for k in keys if prune and (r := prune_reason(k))]
+    scales_in = {k.removesuffix("scale_weight") + "weight": k for k in keys if k.endswith(".scale_weight")}
+    scales_in = {w: sk for w, sk in scales_in.items() if w in keys}
+    keep_scaled = bool(scales_in) and (dtype is None or (scaled and source.spec(next(iter(scales_in))).dtype == dtype))
+    if scales_in and not keep_scaled:  # dequantize: the bookkeeping keys go with the scale
+        pruned += [(k, "scaled fp8 bookkeeping (weights dequantized)") for k in keys
+                   if k.endswith((".scale_weight", ".scale_input")) or k.rsplit(".", 1)[-1] == "scaled_fp8"]
     dropped = {k for k, _ in pruned}
     kept = [k for k in keys if k not in dropped]
     specs: dict[str, TensorSpec] = {}
@@ -228,11 +240,35 @@ def _copy(
         fresh = True
     else:
         fresh = False
+    fns: dict[str, tuple[tuple[str, ...], object]] = {}
+    if scales_in and not keep_scaled:
+        for w, sk in scales_in.items():
+            fns[w] = ((w, sk), lambda t, sc: t.float() * sc.float().reshape(()))
+        notes.append(f"dequantized {len(scales_in)} scaled-fp8 weights (W = stored · scale_weight); the scale keys "
+                     "and the scaled_fp8 marker are dropped")
+    elif scaled and not scales_in:
+        marker, new = _scaled_fp8_plan(kind, kept, specs, dtype)
+        for w in new:
+            fmax = dtypes.float_max(dtype)
+            sk = w.removesuffix("weight") + "scale_weight"
+            specs[sk] = TensorSpec((), "F32")
+            fns[sk] = ((w,), lambda t, m=fmax: (t.float().abs().max().clamp(min=1e-12) / m).reshape(()))
+            fns[w] = ((w,), lambda t, m=fmax: t.float() / (t.float().abs().max().clamp(min=1e-12) / m))
+        for k in kept:
+            if k not in new and specs[k].dtype == dtype and source.spec(k).dtype != dtype:
+                specs[k] = TensorSpec(specs[k].shape, source.spec(k).dtype)  # biases, norms: kept as they are
+        specs[marker] = TensorSpec((0,), dtype)
+        marker_dtype = dtypes.to_torch(dtype)
+        fns[marker] = ((), lambda: torch.zeros(0, dtype=marker_dtype))
+        notes.append(f"ComfyUI scaled fp8: {len(new)} weights stored as W / scale_weight with a scale_weight each; "
+                     "other tensors keep their dtype")
     wrap = kind == "checkpoint"
     writer = open_writer(out, specs, metadata, [source.path], force, wrap)
     with writer:
         # the writer casts (one clamp rule) and counts clamped values; unchanged tensors are copied raw
-        items = [stream.Item(writer, k, (k,), (lambda _t, a=alphas[k]: a) if k in alphas else None) for k in kept]
+        items = [stream.Item(writer, k, (k,), (lambda _t, a=alphas[k]: a) if k in alphas else None) for k in kept
+                 if k not in fns]
+        items += [stream.Item(writer, k, inputs, fn) for k, (inputs, fn) in fns.items()]
         stream.run(source, items, on_progress=on_progress)
         clamped = [(k, n) for k, n in writer.clamped.items()]
         if fresh:
@@ -300,6 +336,21 @@ def _out_shapes(target, naming: str, down: torch.Tensor, up: torch.Tensor, keep_
     if down.dim() == 4 and math.prod(down.shape[2:]) != 1:
         raise MappingError(f"{target.name}: a {tuple(down.shape[2:])} conv LoRA cannot target a linear weight")
     return down.reshape(k, -1), up.reshape(up.shape[0], k)
+
+
+def _scaled_fp8_plan(kind: str, keys, specs, dtype: str | None) -> tuple[str, list[str]]:
+    """The marker key and the weights that ComfyUI's scaled fp8 stores scaled: the denoiser's 2-D weights."""
+    if kind != "checkpoint" or dtype not in ("F8_E4M3", "F8_E5M2"):
+        raise LoratoolError("--scaled writes ComfyUI scaled fp8: a full checkpoint with --dtype fp8_e4m3fn or fp8_e5m2",
+                            hint="add --dtype fp8_e4m3fn, or leave --scaled out")
+    from ..arch.flux import SINGLE_FILE_PREFIX, component_of_key
+
+    prefix = SINGLE_FILE_PREFIX if any(k.startswith(SINGLE_FILE_PREFIX) for k in keys) else ""
+    weights = [k for k in keys if k.endswith(".weight") and len(specs[k].shape) == 2
+               and component_of_key(k)[0] == "transformer"]
+    if not weights:
+        raise LoratoolError("--scaled is for FLUX.1 checkpoints (ComfyUI's scaled fp8 layout)", hint="leave --scaled out")
+    return prefix + "scaled_fp8", weights
 
 
 def _convert_adapter(
@@ -517,6 +568,7 @@ def convert(
     rel_tol: float = DEFAULT_REL_TOL,
     on_progress: Progress | None = None,
     prediction_type: str | None = None,
+    scaled: bool = False,
 ):
     """Convert one model file; the output's extension decides its container.
 
@@ -532,6 +584,7 @@ def convert(
         arch: ``sd1`` / ``sd2`` / ``sdxl`` instead of detection.
         max_rank, max_error, rel_tol: LyCORIS → LoRA refactoring (see :func:`to_lora_factors`).
         on_progress: called as ``(done, total, name)`` after each tensor or module.
+        scaled: with an fp8 ``dtype``, write ComfyUI scaled fp8 (FLUX.1; see :func:`_copy`).
 
     Returns:
         :class:`ConvertReport` (or the checkpoint converter's report for ``ldm``/``diffusers`` layout changes).
@@ -553,7 +606,7 @@ def convert(
             )
         if to is None:
             check_output(out, [source.path], force)
-            return _copy(source, out, kind, dtype, prune, force, on_progress)
+            return _copy(source, out, kind, dtype, prune, force, on_progress, scaled)
         check_output(out, [source.path], force)
         container_for(out)
         return _convert_adapter(source, out, to, dtype, arch, force, max_rank, max_error, rel_tol, on_progress)
@@ -568,11 +621,16 @@ def convert(
             f"{source.path} is a diffusers folder; name the output layout",
             hint="--to ldm writes a single file; --to diffusers copies the folder",
         )
+    if layout_change and any(k.endswith(".scale_weight") for k in source.keys()):
+        raise LoratoolError(
+            f"{source.path} is ComfyUI scaled fp8 (a scale_weight beside each fp8 weight); diffusers has no such layout",
+            hint="dequantize first (loratool convert IN plain.safetensors --dtype bf16), then change the layout",
+        )
     if layout_change or (source.format == "diffusers"):
         return _convert_checkpoint(source, out, to or "ldm", dtype, prune, arch, force, on_progress, prediction_type)
     check_output(out, [source.path], force)
     container_for(out)
-    return _copy(source, out, kind, dtype, prune, force, on_progress)
+    return _copy(source, out, kind, dtype, prune, force, on_progress, scaled)
 
 
 def _convert_checkpoint(source: TensorSource, out, to, dtype, prune, arch, force, on_progress, prediction_type=None):
