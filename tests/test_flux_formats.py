@@ -576,3 +576,34 @@ def test_scaled_fp8_converts_both_ways(base, tmp_path, capsys):
         got, w = f.get(key).float(), b.get(key)
         assert float((got - w).abs().max()) <= float(w.abs().max()) / 8  # within one fp8 step of the original
         assert main(["convert", str(fp8), str(tmp_path / "d"), "--to", "diffusers"]) == 2  # dequantize first
+
+
+def test_lora_plus_lora_concat_across_kohya_peft_and_xlabs_is_exact(base, tmp_path):
+    """merge kohya + PEFT + XLabs LoRAs into one LoRA (--mode concat): the PEFT parts and XLabs processors join
+    their kohya module first; the merged LoRA applied to the base equals W + Σ ratioᵢ·scaleᵢ·ΔWᵢ on the rows."""
+    from support.synth import make_lora
+
+    kohya = make_lora("flux1", rank=4, alpha=2.0, components=("transformer",), dtype="F32")
+    peft = dict(iter_lora("flux1", rank=3, naming="peft", modules=split_modules(), dtype="F32",
+                          components=("transformer",)))
+    xl = xlabs_lora(64, rank=2, seed=4)
+    paths = []
+    for name, sd in (("k", kohya), ("p", peft), ("x", xl)):
+        paths.append(tmp_path / f"{name}.safetensors")
+        save_tensors(paths[-1], sd)
+    one = tmp_path / "one.safetensors"
+    assert main(["merge", f"{paths[0]}:0.5", f"{paths[1]}:0.7", f"{paths[2]}:-0.4", "-o", str(one)]) == 0
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", str(base / "base.safetensors"), str(one), "-o", str(out)]) == 0
+    key = "single_blocks.6.linear1.weight"
+    with open_file(base / "base.safetensors") as b, open_file(out) as m:
+        want = b.get(key).clone()
+        n = "lora_unet_single_blocks_6_linear1"
+        want += 0.5 * (2.0 / 4) * ref(kohya[f"{n}.lora_up.weight"], kohya[f"{n}.lora_down.weight"])
+        p = "transformer.single_transformer_blocks.6"
+        for part, (lo, hi) in (("attn.to_q", (0, H)), ("attn.to_k", (H, 2 * H)), ("attn.to_v", (2 * H, 3 * H)),
+                               ("proj_mlp", (3 * H, 7 * H))):
+            want[lo:hi] += 0.7 * ref(peft[f"{p}.{part}.lora_B.weight"], peft[f"{p}.{part}.lora_A.weight"])
+        x = "single_blocks.6.processor.qkv_lora"
+        want[: 3 * H] += -0.4 * ref(xl[f"{x}.up.weight"], xl[f"{x}.down.weight"])
+        torch.testing.assert_close(m.get(key), want, rtol=1e-4, atol=1e-5)

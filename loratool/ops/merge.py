@@ -27,7 +27,7 @@ import torch
 
 from .. import dtypes
 from ..adapters import AdapterModule, LoadedAdapter, apply_to_weight, delta, rank_of, scale_of
-from ..adapters.io import module_tensors, save_adapter, split_fused, split_swapped
+from ..adapters.io import fuse_parts, module_tensors, save_adapter, split_fused, split_swapped
 from ..adapters.math import bias_delta
 from ..arch import ARCH_LABELS, DENOISERS
 from ..blockweights import BlockWeights
@@ -587,6 +587,12 @@ def merge_adapters(
         )
     if mode not in ("concat", "svd"):
         raise LoratoolError(f"unknown --mode {mode!r}", hint="use concat or svd")
+    control = [ad.path for ad, _ in adapters if ad.is_control]
+    if control:
+        raise MappingError(f"{listing(control)}: a control LoRA (LoRA biases, norm scales given in full) does not "
+                           "merge into another LoRA", hint="merge it into the checkpoint instead")
+    for ad, _ in adapters:  # one module per kohya name: PEFT / XLabs parts of a fused tensor joined exactly first
+        fuse_parts(ad)
     if mode == "svd" and (rank is None or rank < 1):
         raise LoratoolError("--mode svd needs --rank N (N ≥ 1)", hint="e.g. --mode svd --rank 32")
     dev = resolve_device(device)
