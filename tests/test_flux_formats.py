@@ -607,3 +607,25 @@ def test_lora_plus_lora_concat_across_kohya_peft_and_xlabs_is_exact(base, tmp_pa
         x = "single_blocks.6.processor.qkv_lora"
         want[: 3 * H] += -0.4 * ref(xl[f"{x}.up.weight"], xl[f"{x}.down.weight"])
         torch.testing.assert_close(m.get(key), want, rtol=1e-4, atol=1e-5)
+
+
+def test_kohya_to_comfyui_names_and_back(base, tmp_path):
+    """--to comfyui writes diffusion_model.<BFL path>.lora_A / lora_B / alpha (fused modules, norm_out in BFL order);
+    read back and converted to kohya it is the original file, tensor for tensor."""
+    from support.synth import make_lora
+
+    kohya = make_lora("flux1", rank=4, alpha=2.0, components=("transformer",), dtype="F32")
+    src, comfy, back = tmp_path / "k.safetensors", tmp_path / "c.safetensors", tmp_path / "k2.safetensors"
+    save_tensors(src, kohya)
+    assert main(["convert", str(src), str(comfy), "--to", "comfyui"]) == 0
+    with open_file(comfy) as c:
+        keys = set(c.keys())
+        assert all(k.startswith("diffusion_model.") for k in keys)
+        n = "lora_unet_single_blocks_2_linear1"
+        assert torch.equal(c.get("diffusion_model.single_blocks.2.linear1.lora_B.weight"), kohya[f"{n}.lora_up.weight"])
+        assert float(c.get("diffusion_model.single_blocks.2.linear1.alpha")) == 2.0
+    assert main(["convert", str(comfy), str(back), "--to", "kohya"]) == 0
+    with open_file(back) as b:
+        assert set(b.keys()) == set(kohya)
+        for k, v in kohya.items():
+            assert torch.equal(b.get(k).to(v.dtype), v), k

@@ -70,11 +70,11 @@ XLABS_SUFFIXES: dict[str, str] = {  # x-flux LoRALinearLayer: no alpha in the fi
     "down.weight": "down",
     "up.weight": "up",
 }
-Naming = Literal["kohya", "peft", "diffusers", "xlabs"]
+Naming = Literal["kohya", "peft", "diffusers", "xlabs", "comfyui"]
 SUFFIXES_BY_NAMING: dict[Naming, dict[str, str]] = {
     "kohya": KOHYA_SUFFIXES, "peft": PEFT_SUFFIXES, "diffusers": DIFFUSERS_SUFFIXES, "xlabs": XLABS_SUFFIXES
 }
-WRITABLE_NAMINGS: tuple[Naming, ...] = ("kohya", "peft", "diffusers")
+WRITABLE_NAMINGS: tuple[Naming, ...] = ("kohya", "peft", "diffusers", "comfyui")
 
 
 class KeyParts(NamedTuple):
@@ -594,12 +594,20 @@ class NativeKeys:
 def native_keys(target: ModuleTarget, naming: Naming) -> NativeKeys:
     """The keys of a LoRA module on ``target`` in ``naming``, generated from the target's names.
 
-    kohya: ``NAME.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` / ``.dora_scale``; PEFT:
+    kohya: ``NAME.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` / ``.dora_scale``; comfyui (FLUX):
+    ``diffusion_model.<BFL path>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``; PEFT:
     ``module.lora_A.weight`` / ``.lora_B.weight`` (alpha folded, see :mod:`loratool.ops.convert`);
     diffusers: ``module.lora.down.weight`` (UNet) or ``module.lora_linear_layer.down.weight`` (text encoders).
     """
     if naming not in WRITABLE_NAMINGS:
         raise InternalError(f"no {naming} keys are written ({target.name})")
+    if naming == "comfyui":  # FLUX: diffusion_model.<BFL path> for the transformer; text encoders keep kohya names
+        if target.component != "transformer":
+            return native_keys(target, "kohya")
+        if target.rows is not None:
+            raise InternalError(f"{target.name} covers rows of a BFL tensor; fuse it first (fuse_parts)")
+        p = "diffusion_model." + target.address.removesuffix(".weight")
+        return NativeKeys(f"{p}.lora_A.weight", f"{p}.lora_B.weight", f"{p}.alpha", f"{p}.dora_scale")
     if naming == "kohya":
         n = target.name
         if not n.startswith("lora_"):

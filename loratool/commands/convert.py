@@ -16,8 +16,9 @@ from . import options as opt
     "--to",
     "to",
     type=click.Choice(["kohya", "peft", "diffusers", "ldm", "lora", "components", "comfyui"]),
-    help="LoRA naming (kohya, peft, diffusers), plain LoRA from LyCORIS (lora), checkpoint layout (ldm, diffusers), "
-         "or FLUX.1 ComfyUI all-in-one file → a folder of component files (components) and back (comfyui).",
+    help="LoRA naming (kohya, peft, diffusers; comfyui: FLUX diffusion_model.<BFL path>.lora_A/B), plain LoRA from "
+         "LyCORIS (lora), checkpoint layout (ldm, diffusers), or a FLUX.1 ComfyUI all-in-one file → a folder of "
+         "component files (components) and back (comfyui, with --clip-l/--t5/--vae).",
 )
 @click.option("--clip-l", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="--to comfyui: the CLIP-L file (ComfyUI models/text_encoders) to put beside the transformer IN.")
@@ -82,9 +83,17 @@ def command(
     from ..render.common import progress_bar
 
     extra = {"text_encoder": clip_l, "text_encoder_2": t5, "vae": vae}
+
+    def _is_adapter(path: Path) -> bool:
+        from ..ops.convert import classify
+
+        with open_file(path) as s:
+            return classify(s) == "adapter"
+
     if to != "comfyui" and any(extra.values()):
         raise LoratoolError("--clip-l, --t5 and --vae go with --to comfyui", hint="leave them out, or add --to comfyui")
-    if to in ("components", "comfyui"):
+    joins = to == "comfyui" and (any(extra.values()) or not _is_adapter(src))
+    if to == "components" or joins:
         with ExitStack() as stack:
             source = stack.enter_context(open_file(src))
             bar = stack.enter_context(progress_bar(f"converting {src.name}", not as_json,

@@ -370,20 +370,24 @@ def _convert_adapter(
     loaded = load_adapter(source, arch=arch)
     naming_in = loaded.naming
     naming_out = naming_in if to == "lora" else to
-    if naming_out not in ("kohya", "peft", "diffusers"):
+    if naming_out not in ("kohya", "peft", "diffusers", "comfyui"):
         naming_out = "kohya"
-    if naming_out != "kohya":
+    if naming_out == "comfyui" and loaded.arch != "flux1":
+        raise LoratoolError("--to comfyui names FLUX.1 LoRAs (diffusion_model.<BFL path>.lora_A/lora_B)",
+                            hint="for SD LoRAs use --to kohya, which ComfyUI reads")
+    keeps_alpha = naming_out in ("kohya", "comfyui")  # namings with an alpha key; PEFT / diffusers fold it
+    if not keeps_alpha:
         split_fused(loaded)  # PEFT / diffusers name the q, k, v (and MLP) parts of a fused tensor separately
     recorded = {}
-    if naming_out == "kohya" and PEFT_ALPHA_KEY in source.metadata:
+    if keeps_alpha and PEFT_ALPHA_KEY in source.metadata:
         try:
             recorded = {str(k): float(v) for k, v in json.loads(source.metadata[PEFT_ALPHA_KEY]).items()}
         except (TypeError, ValueError):
             recorded = {}
-    if naming_out == "kohya":
+    if keeps_alpha:
         if loaded.is_control:
             raise MappingError(
-                f"{source.path} is a control LoRA (LoRA biases, norm scales given in full): kohya names have no keys "
+                f"{source.path} is a control LoRA (LoRA biases, norm scales given in full): {naming_out} names have no keys "
                 "for those", hint="convert it with --to peft (diffusers reads that), or merge it into a checkpoint",
             )
         _undo_peft_fold(loaded, recorded, naming_in)
@@ -398,7 +402,7 @@ def _convert_adapter(
             hint="keep this file in its LyCORIS format",
         )
     dora = [name for name, m in loaded.modules.items() if m.is_dora]
-    if dora and naming_out != "kohya":
+    if dora and not keeps_alpha:
         raise MappingError(
             f"{source.path}: {len(dora)} DoRA modules: {listing(dora, 4)}; PEFT's magnitude vector is per output row, "
             "LyCORIS' DoRA scale per input column, so they do not convert",
@@ -422,7 +426,7 @@ def _convert_adapter(
             keep_rank = (module.tensors["down"].shape, module.tensors["up"].shape)
         down, up = _out_shapes(target, naming_out, down, up, keep_rank)
         out_alpha = None
-        if naming_out == "kohya":
+        if keeps_alpha:
             out_alpha = _alpha_tensor(module, alpha, dtype or dtypes.name_of(src_dtype))
         else:
             up = up * (alpha / k)  # fold alpha/rank into lora_B; lora_alpha = rank reproduces ΔW
@@ -468,7 +472,7 @@ def _convert_adapter(
         metadata.update(network_fields(str(dim), str(dim)))
         metadata["loratool.converted_from"] = ",".join(fams)
         notes.append(f"ss_network_module/_dim/_alpha describe the plain LoRA now (max rank {dim}, alpha = rank per module)")
-    if naming_out != "kohya":
+    if not keeps_alpha:
         metadata.setdefault("format", "pt")
         if naming_in == "kohya":
             metadata[PEFT_ALPHA_KEY] = json.dumps(alphas_out, sort_keys=True)
@@ -480,7 +484,7 @@ def _convert_adapter(
         metadata = with_hashes(tensors, metadata)
     if naming_in != naming_out:
         notes.append(f"renamed {len(results)} modules {naming_in} → {naming_out}")
-    if naming_out != "kohya":
+    if not keeps_alpha:
         notes.append("alpha/rank folded into lora_B (load with lora_alpha = rank); original alphas in metadata " + PEFT_ALPHA_KEY)
     if container_for(out) == "pickle" and metadata:
         notes.append(f"dropped {len(metadata)} metadata entries: a torch pickle has no metadata field")
@@ -552,7 +556,7 @@ def _alpha_tensor(module: AdapterModule, alpha: float, dtype: str) -> torch.Tens
 
 # ----------------------------------------------------------------------------- entry point
 
-TARGETS = ("kohya", "peft", "diffusers", "ldm", "lora")
+TARGETS = ("kohya", "peft", "diffusers", "ldm", "lora", "comfyui")
 
 
 def convert(
