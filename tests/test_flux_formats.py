@@ -629,3 +629,12 @@ def test_kohya_to_comfyui_names_and_back(base, tmp_path):
         assert set(b.keys()) == set(kohya)
         for k, v in kohya.items():
             assert torch.equal(b.get(k).to(v.dtype), v), k
+
+
+def test_bfl_diffusers_bfl_round_trip_is_byte_identical(base, tmp_path):
+    """The folder's weight files keep the single file's metadata (loratool.single_file_metadata, beside diffusers'
+    "format"), so converting it back writes the same bytes."""
+    folder, back = tmp_path / "f", tmp_path / "back.safetensors"
+    assert main(["convert", str(base / "base.safetensors"), str(folder), "--to", "diffusers"]) == 0
+    assert main(["convert", str(folder), str(back), "--to", "ldm"]) == 0
+    assert back.read_bytes() == (base / "base.safetensors").read_bytes()

@@ -273,6 +273,11 @@ class DiffusersFolderSource(_SourceBase):
         index = self.path / "model_index.json"
         if index.is_file():
             self.metadata["model_index"] = index.read_text()
+        for part in self._parts.values():  # the single file a loratool conversion made this folder from
+            recorded = part.metadata.get("loratool.single_file_metadata")
+            if recorded is not None:
+                self.metadata["loratool.single_file_metadata"] = recorded
+                break
 
     def get(self, key: str) -> torch.Tensor:
         self.spec(key)

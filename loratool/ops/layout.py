@@ -11,6 +11,7 @@ exists on both sides.
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -291,12 +292,19 @@ def _inputs(group: tuple[KeyLink, ...]) -> tuple[str, ...]:
     return tuple(lk.diffusers_key for lk in group) if group[0].rows is not None else (group[0].diffusers_key,)
 
 
+# the single file's own metadata, kept in every weight file of the folder made from it, so that converting the
+# folder back gives the same file byte for byte (diffusers reads only "format")
+SINGLE_FILE_METADATA = "loratool.single_file_metadata"
+
+
 def _write_single(src, out: Path, plan: list[_Item], inputs, force: bool, on_progress: Progress | None) -> tuple[list[str], int]:
     for inp in inputs:
         if Path(inp).is_dir() and Path(inp).resolve() in out.resolve().parents:
             raise OutputError(f"output {out} is inside the input folder {inp}", hint="write it outside the diffusers folder")
     specs = {it.key: it.spec for it in plan}
-    with SafetensorsWriter(out, specs, {"format": "pt"}, inputs=inputs, force=force) as w:
+    recorded = src.metadata.get(SINGLE_FILE_METADATA)
+    metadata = json.loads(recorded) if recorded is not None else {"format": "pt"}  # the original file's, if we wrote it
+    with SafetensorsWriter(out, specs, metadata, inputs=inputs, force=force) as w:
         items = [stream.Item(w, it.key, _inputs(it.links), _to_ldm(it.links)) for it in plan]
         stream.run(src, items, on_progress=on_progress)
         w.finalize()
@@ -326,7 +334,8 @@ def _fill_folder(src, root: Path, plan: list[_Item], arch: str, on_progress: Pro
             specs = {it.key.split("/", 1)[1]: it.spec for it in comp_items}
             specs_by_comp[comp] = specs
             path = root / comp / weight_file(comp)
-            w = stack.enter_context(SafetensorsWriter(path, specs, {"format": "pt"}))
+            meta = {"format": "pt", SINGLE_FILE_METADATA: json.dumps(dict(src.metadata), sort_keys=True)}
+            w = stack.enter_context(SafetensorsWriter(path, specs, meta))
             for it in comp_items:
                 name = it.key.split("/", 1)[1]
                 if it.links:
