@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.synth import FLUX_SMALL, iter_lora, make_lora, tiny_config, write_checkpoint
+from support.synth import FLUX_SMALL, iter_lora, make_lora, split_qkv_lora, tiny_config, write_checkpoint
 
 from loratool.arch import adapter_layout, adapter_layout_names, checkpoint_layout, kohya_modules, shape_rules
 from loratool.arch.flux import component_of_key
@@ -244,14 +244,7 @@ def test_kohya_split_qkv_file_merges_as_sd_scripts_applies_it(flux_files, tmp_pa
     """split_qkv: per-part LoRAs (rank 4, alpha 2) stored as one module (downs stacked, up block-diagonal,
     alpha left per part); sd-scripts applies (alpha / 4) · up_i @ down_i to each part's rows."""
     d, _, _ = flux_files
-    g = torch.Generator().manual_seed(5)
-    n = "lora_unet_double_blocks_1_img_attn_qkv"
-    downs = [torch.randn(4, H, generator=g) for _ in range(3)]
-    ups = [torch.randn(H, 4, generator=g) for _ in range(3)]
-    up = torch.zeros(3 * H, 12)
-    for i in range(3):
-        up[i * H:(i + 1) * H, i * 4:(i + 1) * 4] = ups[i]
-    lora = {f"{n}.lora_down.weight": torch.cat(downs), f"{n}.lora_up.weight": up, f"{n}.alpha": torch.tensor(2.0)}
+    lora, downs, ups = split_qkv_lora(H)
     save_tensors(tmp_path / "split.safetensors", lora, {"ss_network_args": '{"split_qkv": "True"}'})
     out = tmp_path / "m.safetensors"
     assert main(["merge", str(d / "base.safetensors"), str(tmp_path / "split.safetensors"), "-o", str(out)]) == 0

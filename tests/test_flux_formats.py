@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.synth import FLUX_SMALL, iter_lora, tiny_config, write_checkpoint
+from support.synth import FLUX_SMALL, iter_lora, split_qkv_lora, tiny_config, write_checkpoint
 
 from loratool.arch.flux_naming import split_modules, xlabs_modules
 from loratool.cli import main
@@ -186,14 +186,9 @@ def test_kohya_peft_kohya_round_trip_is_identity(tmp_path):
 def test_split_qkv_file_written_back_keeps_its_delta(base, tmp_path):
     """A split_qkv file (per-part alpha, the metadata says split_qkv) converted to kohya stores alphas in the plain
     convention and drops split_qkv from its network args, so reading it again gives the same ΔW (no double count)."""
-    g = torch.Generator().manual_seed(5)
     n = "lora_unet_double_blocks_1_img_attn_qkv"
-    downs = [torch.randn(4, H, generator=g) for _ in range(3)]
-    ups = [torch.randn(H, 4, generator=g) for _ in range(3)]
-    up = torch.zeros(3 * H, 12)
-    for i in range(3):
-        up[i * H:(i + 1) * H, i * 4:(i + 1) * 4] = ups[i]
-    lora = {f"{n}.lora_down.weight": torch.cat(downs), f"{n}.lora_up.weight": up, f"{n}.alpha": torch.tensor(2.0)}
+    lora, downs, ups = split_qkv_lora(H)
+    up = lora[f"{n}.lora_up.weight"]
     src = tmp_path / "split.safetensors"
     save_tensors(src, lora, {"ss_network_args": '{"split_qkv": "True", "train_blocks": "all"}'})
     once, twice = tmp_path / "c1.safetensors", tmp_path / "c2.safetensors"

@@ -341,3 +341,19 @@ def make_dora(
         mag = _rand(f"{t.name}.dora", shape, seed, "F32", std=0.1).abs() + 0.5
         out[f"{t.name}.dora_scale"] = mag.to(dtypes.to_torch(dtype))
     return out
+
+
+def split_qkv_lora(hidden: int, rank: int = 4, alpha: float = 2.0, seed: int = 5):
+    """A kohya ``split_qkv`` module on double block 1's ``img_attn.qkv`` (sd-scripts' layout: the three parts'
+    downs stacked, the up block-diagonal, the per-part alpha): ``(tensors, downs, ups)``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n = "lora_unet_double_blocks_1_img_attn_qkv"
+    downs = [torch.randn(rank, hidden, generator=g) for _ in range(3)]
+    ups = [torch.randn(hidden, rank, generator=g) for _ in range(3)]
+    up = torch.zeros(3 * hidden, 3 * rank)
+    for i in range(3):
+        up[i * hidden:(i + 1) * hidden, i * rank:(i + 1) * rank] = ups[i]
+    tensors = {f"{n}.lora_down.weight": torch.cat(downs), f"{n}.lora_up.weight": up, f"{n}.alpha": torch.tensor(alpha)}
+    return tensors, downs, ups
