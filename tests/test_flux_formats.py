@@ -633,3 +633,28 @@ def test_bfl_diffusers_bfl_round_trip_is_byte_identical(base, tmp_path):
     assert main(["convert", str(base / "base.safetensors"), str(folder), "--to", "diffusers"]) == 0
     assert main(["convert", str(folder), str(back), "--to", "ldm"]) == 0
     assert back.read_bytes() == (base / "base.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("family", ["loha", "lokr"])
+def test_lycoris_flux_file_becomes_a_lora_with_its_delta(base, tmp_path, family):
+    """A LyCORIS LoHa / LoKr on the BFL modules (lycoris_ names, as LyCORIS saves FLUX files) → --to lora: the plain
+    LoRA merged into the base equals the LyCORIS file merged (exact up to the rank-revealing factorisation)."""
+    from support.synth import make_loha, make_lokr
+
+    from loratool.arch import kohya_modules
+
+    mods = {n: t for n, t in kohya_modules("flux1").items() if t.component == "transformer"}
+    mods = dict(list(sorted(mods.items()))[::19])
+    make = make_loha if family == "loha" else make_lokr
+    lyco = make("flux1", dtype="F32", components=("transformer",), modules=mods)
+    lyco = {("lycoris_" + k[len("lora_unet_"):]): v for k, v in lyco.items()}
+    src, lora = tmp_path / "lyco.safetensors", tmp_path / "lora.safetensors"
+    save_tensors(src, lyco)
+    assert main(["convert", str(src), str(lora), "--to", "lora"]) == 0
+    outs = []
+    for f in (src, lora):
+        outs.append(tmp_path / f"m-{f.stem}.safetensors")
+        assert main(["merge", str(base / "base.safetensors"), str(f), "-o", str(outs[-1])]) == 0
+    with open_file(outs[0]) as a, open_file(outs[1]) as b:
+        for t in mods.values():
+            torch.testing.assert_close(b.get(t.address), a.get(t.address), rtol=1e-4, atol=1e-5)
