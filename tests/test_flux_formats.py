@@ -658,3 +658,18 @@ def test_lycoris_flux_file_becomes_a_lora_with_its_delta(base, tmp_path, family)
     with open_file(outs[0]) as a, open_file(outs[1]) as b:
         for t in mods.values():
             torch.testing.assert_close(b.get(t.address), a.get(t.address), rtol=1e-4, atol=1e-5)
+
+
+def test_xlabs_into_a_diffusers_folder_equals_the_bfl_merge_converted(base, tmp_path):
+    lora = tmp_path / "xlabs.safetensors"
+    save_tensors(lora, xlabs_lora(64, rank=2, seed=6))
+    folder = tmp_path / "folder"
+    assert main(["convert", str(base / "base.safetensors"), str(folder), "--to", "diffusers"]) == 0
+    bfl, via_folder, converted = tmp_path / "m.safetensors", tmp_path / "mf", tmp_path / "mc"
+    assert main(["merge", str(base / "base.safetensors"), f"{lora}:0.6", "-o", str(bfl)]) == 0
+    assert main(["merge", str(folder), f"{lora}:0.6", "-o", str(via_folder)]) == 0
+    assert main(["convert", str(bfl), str(converted), "--to", "diffusers"]) == 0
+    with open_file(via_folder) as a, open_file(converted) as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            torch.testing.assert_close(a.get(k), b.get(k), rtol=1e-6, atol=1e-7)
