@@ -468,17 +468,11 @@ def _in_bfl_order(arch: str, roles: Mapping[str, str]) -> bool:
 def swap_halves(module: AdapterModule, target: ModuleTarget | None = None) -> AdapterModule:
     """The module whose ΔW has the two row halves of ``module``'s swapped (an involution), exactly: LoRA swaps
     the up's row halves, LoHa both ``w*_a``; other families become their dense ΔW."""
-    import torch
-
     from .math import delta
+    from .math import swap_row_halves as swap
 
     target = target or module.target
     t = module.tensors
-
-    def swap(x):
-        h = x.shape[0] // 2
-        return torch.cat([x[h:], x[:h]])
-
     if module.family == "lora":
         rows = {"up": swap(t["up"]), **({"up_bias": swap(t["up_bias"])} if "up_bias" in t else {})}
         return AdapterModule(target, "lora", {**t, **rows}, module.keys)
@@ -653,10 +647,10 @@ def replaced_key(arch: str, address: str, naming: Naming) -> str:
         return address
     from ..arch.sd_checkpoint import checkpoint_links
 
-    links = checkpoint_links(arch).by_ldm.get(address)
-    if not links or len(links) != 1:
+    whole = checkpoint_links(arch).diffusers_of(address)
+    if whole is None:
         raise InternalError(f"{address} has no single diffusers counterpart")
-    comp, key = links[0].diffusers_key.split("/", 1)
+    comp, key = whole.split("/", 1)
     return f"{comp}.{key}"
 
 

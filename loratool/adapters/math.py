@@ -83,6 +83,15 @@ def lokr_delta(t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.T
     return torch.kron(w1, w2).reshape(shape)
 
 
+def swap_row_halves(x: torch.Tensor) -> torch.Tensor:
+    """The two halves of ``x``'s rows exchanged (its own inverse): FLUX ``final_layer.adaLN_modulation.1`` (shift,
+    scale) ↔ diffusers ``norm_out.linear`` (scale, shift), for weights, biases and LoRA ups alike."""
+    import torch
+
+    half = x.shape[0] // 2
+    return torch.cat([x[half:], x[:half]], dim=0)
+
+
 def bias_delta(module: AdapterModule) -> torch.Tensor | None:
     """Scaled Δb of one module in float32 — a full module's ``diff_b``; a LoRA with a bias (``lora_B.bias``)
     adds ``(alpha / rank) · up_bias`` — or None when the module leaves the bias alone."""

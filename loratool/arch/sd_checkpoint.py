@@ -75,6 +75,12 @@ class CheckpointLinks:
     def by_diffusers(self) -> dict[str, KeyLink]:
         return {lk.diffusers_key: lk for lk in self.links}
 
+    def diffusers_of(self, ldm_key: str) -> str | None:
+        """The ``component/key`` holding the whole of single-file ``ldm_key``; None when it has no counterpart or
+        is split over several diffusers tensors (fused q/k/v)."""
+        links = self.by_ldm.get(ldm_key)
+        return links[0].diffusers_key if links and len(links) == 1 and links[0].rows is None else None
+
     @cached_property
     def by_ldm(self) -> dict[str, tuple[KeyLink, ...]]:
         """Single-file key → its links (three for a fused q/k/v tensor, in row order)."""

@@ -248,12 +248,19 @@ def _copy(
                      "and the scaled_fp8 marker are dropped")
     elif scaled and not scales_in:
         marker, new = _scaled_fp8_plan(kind, kept, specs, dtype)
-        for w in new:
-            fmax = dtypes.float_max(dtype)
+        fmax = dtypes.float_max(dtype)
+        computed: dict[str, torch.Tensor] = {}  # weight key → its scale, set when the weight is computed
+
+        def quantized(t: torch.Tensor, key: str) -> torch.Tensor:
+            t = t.float()
+            computed[key] = (t.abs().max().clamp(min=1e-12) / fmax).reshape(())
+            return t / computed[key]
+
+        for w in new:  # the weight first (read once), then its scale from what that computed
             sk = w.removesuffix("weight") + "scale_weight"
             specs[sk] = TensorSpec((), "F32")
-            fns[sk] = ((w,), lambda t, m=fmax: (t.float().abs().max().clamp(min=1e-12) / m).reshape(()))
-            fns[w] = ((w,), lambda t, m=fmax: t.float() / (t.float().abs().max().clamp(min=1e-12) / m))
+            fns[w] = ((w,), lambda t, key=w: quantized(t, key))
+            fns[sk] = ((), lambda key=w: computed.pop(key))
         for k in kept:
             if k not in new and specs[k].dtype == dtype and source.spec(k).dtype != dtype:
                 specs[k] = TensorSpec(specs[k].shape, source.spec(k).dtype)  # biases, norms: kept as they are

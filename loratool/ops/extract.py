@@ -17,6 +17,7 @@ import torch
 
 from .. import dtypes
 from ..adapters.io import module_tensors, save_adapter
+from ..adapters.math import swap_row_halves
 from ..arch import ARCH_LABELS, DENOISERS, ModuleTarget, kohya_modules
 from ..arch.sd_checkpoint import solve_config
 from ..arch.sd_naming import all_modules
@@ -98,10 +99,7 @@ def _rows(tensor: torch.Tensor, target: ModuleTarget, naming: str) -> torch.Tens
     if naming != "ldm":
         from ..arch.flux_naming import BFL_ORDER_KOHYA_NAME
 
-        if target.name == BFL_ORDER_KOHYA_NAME:
-            h = tensor.shape[0] // 2
-            return torch.cat([tensor[h:], tensor[:h]])
-        return tensor
+        return swap_row_halves(tensor) if target.name == BFL_ORDER_KOHYA_NAME else tensor
     if target.rows is None:
         return tensor
     return tensor[target.rows[0]: target.rows[1]]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import dtypes
+from ..adapters.math import swap_row_halves
 from ..arch.sd_checkpoint import KeyLink, checkpoint_links, linked_shape, one_sided_reason, sized_link, solve_config
 from ..arch.sd_pipeline import default_prediction_type, write_pipeline_files
 from ..detect import detect_checkpoint
@@ -263,15 +264,8 @@ def _to_diffusers(lk: KeyLink):
     if lk.transform == "transpose":
         return lambda w: w.t()
     if lk.transform == "swap_halves":
-        return _swap_halves
+        return swap_row_halves
     return None
-
-
-def _swap_halves(w: torch.Tensor) -> torch.Tensor:
-    """FLUX ``final_layer.adaLN_modulation.1`` (shift, scale) ↔ diffusers ``norm_out.linear`` (scale, shift);
-    its own inverse."""
-    half = w.shape[0] // 2
-    return torch.cat([w[half:], w[:half]], dim=0)
 
 
 def _to_ldm(group: tuple[KeyLink, ...]):
@@ -284,7 +278,7 @@ def _to_ldm(group: tuple[KeyLink, ...]):
     if group[0].transform == "transpose":
         return lambda w: w.t()
     if group[0].transform == "swap_halves":
-        return _swap_halves
+        return swap_row_halves
     return None
 
 

@@ -212,8 +212,7 @@ def widens(target, have: tuple[int, ...], want: tuple[int, ...]) -> bool:
 def _diffusers_key(address: str) -> str:
     from ..arch.sd_checkpoint import checkpoint_links
 
-    links = checkpoint_links("flux1").by_ldm.get(address)
-    return links[0].diffusers_key if links and len(links) == 1 else address
+    return checkpoint_links("flux1").diffusers_of(address) or address
 
 
 def _module_on(module: AdapterModule, device: torch.device) -> AdapterModule:
