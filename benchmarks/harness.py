@@ -51,7 +51,11 @@ def measured() -> Iterator[dict]:
 
 def child_main(steps: dict[str, Callable[..., object]], argv: list[str]) -> None:
     """Run ``steps[argv[0]](*argv[1:])`` measured, and print the measurement as the last stdout line."""
+    import gc
+
     import torch  # noqa: F401  (import cost outside the timed region, for every step alike)
+
+    gc.freeze()  # as the loratool CLI does once torch is loaded (loratool.cli._FreezeAfterTorch), for every step alike
 
     with measured() as result:
         extra = steps[argv[0]](*argv[1:])

@@ -6,6 +6,7 @@ checkpoint) never pays for importing torch.
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -103,13 +104,16 @@ def name_of_attr(attr: str) -> str | None:
 CHOICES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
 
 
-def cast(t: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
+def cast(t: torch.Tensor, name: str, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Cast a float tensor to the safetensors dtype ``name`` with the one rule every command uses.
 
     ``y = round_ne(clamp(x, -max, max))``: values beyond the target's largest finite value are
     clamped to it first (so no cast makes an infinity: plain torch gives ``inf`` for fp16 and
     fp8_e5m2), then torch rounds to nearest, ties to even. NaN stays NaN. Integer and bool tensors,
     and tensors already in the target dtype, are returned unchanged.
+
+    ``out`` (a tensor of ``t``'s shape in the target dtype) receives the result instead of a new
+    tensor: one pass from ``t`` straight into it (``t`` itself may then be clamped in place).
 
     Returns:
         (cast tensor, number of elements that were clamped, infinities included).
@@ -124,6 +128,9 @@ def cast(t: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
 
     target = to_torch(name)
     if t.dtype == target or not t.is_floating_point():
+        if out is not None:
+            out.copy_(t)
+            return out, 0
         return t, 0
     clamped = 0
     if target.is_floating_point:
@@ -134,8 +141,27 @@ def cast(t: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
                 over = t.abs() > limit  # NaN compares False and stays NaN
                 clamped = int(over.sum())
                 if clamped:
-                    t = t.clamp(-limit, limit)
+                    t = t.clamp_(-limit, limit) if out is not None else t.clamp(-limit, limit)
+    if out is not None:
+        out.copy_(t)
+        return out, clamped
     return t.to(target), clamped
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no element of a tensor is NaN or ±Inf (integer tensors always are).
+
+    One pass with no temporary: ``aminmax`` propagates NaN, and an infinity is the min or the max
+    (10x cheaper than ``isfinite(t).all()`` on fp16). fp8 has no kernel for it and is widened first.
+    """
+    import torch
+
+    if not t.is_floating_point() or not t.numel():
+        return True
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = t.float()
+    lo, hi = torch.aminmax(t)
+    return abs(float(lo)) < math.inf and abs(float(hi)) < math.inf
 
 
 def float_max(name: str) -> float:

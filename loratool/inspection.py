@@ -385,10 +385,8 @@ def _stats(source: TensorSource, specs, det: FileDetection, index: AdapterIndex 
     for done, (k, s) in enumerate(specs.items(), 1):
         if s.dtype in dtypes.FLOAT_NAMES:
             t = source.get(k)
-            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-                t = t.float()  # fp8 has no isfinite kernel
-            # max |x| is NaN or Inf iff some element is (torch.max propagates NaN); cheaper than isfinite on fp16
-            if t.numel() and not bool(torch.isfinite(t.abs().max())):
+            if not dtypes.all_finite(t):
+                t = t.float()
                 nonfinite.append(NonFinite(k, int(torch.isnan(t).sum()), int(torch.isinf(t).sum())))
         if on_progress is not None:
             on_progress(done, len(specs), k)

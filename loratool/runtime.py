@@ -14,6 +14,7 @@ with spinning threads and within 20 % of one thread with sleeping ones (benchmar
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -76,3 +77,56 @@ def threads_for(work: int, small: int = SMALL_WORK) -> int | None:
     if override.isdigit() and int(override) > 0:
         return int(override)
     return 1 if work < small else None
+
+
+#: The most threads :func:`split_rows` uses: past this the disk, not the arithmetic, bounds a merge.
+MAX_ROW_WORKERS = 4
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def row_workers() -> int:
+    """Threads for work split by rows (:func:`split_rows`): torch's CPU thread count, at most
+    :data:`MAX_ROW_WORKERS`; ``LORATOOL_THREADS=N`` sets it."""
+    import torch
+
+    override = os.environ.get("LORATOOL_THREADS", "").strip().lower()
+    n = int(override) if override.isdigit() and int(override) > 0 else torch.get_num_threads()
+    return max(1, min(MAX_ROW_WORKERS, n))
+
+
+def split_rows(rows: int, step: int, fn, workers: int | None = None) -> list:
+    """``fn(r0, r1)`` over ``[0, rows)`` cut into at most ``workers`` runs of whole ``step``-row blocks,
+    each on its own thread with one torch thread (the calling thread takes the first run); the results
+    in row order. Each run is the same sequence of per-block operations a single thread would do, so
+    the result does not depend on the number of workers. Exceptions propagate; every run has ended
+    by then.
+
+    For row-blocked work whose blocks are too small for torch's own pool (a merge's 1 MiB blocks):
+    the threads work on different blocks instead of waiting on each other inside one.
+    """
+    global _pool
+    workers = row_workers() if workers is None else max(1, workers)
+    blocks = -(-rows // max(1, step))
+    per = -(-blocks // min(workers, max(1, blocks)))
+    runs = [(i * per * step, min(rows, (i + 1) * per * step)) for i in range(-(-blocks // per))] if blocks else []
+
+    def one(r0: int, r1: int):
+        with threads(1):
+            return fn(r0, r1)
+
+    if len(runs) <= 1:
+        return [one(*r) for r in runs]
+    with _pool_lock:
+        if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool = ThreadPoolExecutor(MAX_ROW_WORKERS - 1, thread_name_prefix="loratool-rows")
+    from concurrent.futures import wait
+
+    futures = [_pool.submit(one, *r) for r in runs[1:]]
+    try:
+        first = one(*runs[0])
+    finally:
+        wait(futures)  # every run has ended, even when ours failed
+    return [first, *(f.result() for f in futures)]

@@ -99,6 +99,8 @@ def test_output_equal_to_input_is_refused_and_input_kept(tmp_path, fixtures):
 
 
 RUNS = {
+    "merge lora": lambda fx, o: ["merge", str(fx / "sd15-tiny.safetensors"), f"{fx / 'sd15-lora-kohya.safetensors'}:0.7",
+                                 "-o", o],
     "merge": lambda fx, o: ["merge", str(fx / "sd15-tiny.safetensors"), f"{fx / 'sd15-loha.safetensors'}:0.7", "-o", o],
     "merge loras": lambda fx, o: ["merge", str(fx / "sd15-lora-kohya.safetensors"), str(fx / "sd15-lokr.safetensors"), "-o", o],
     "convert": lambda fx, o: ["convert", str(fx / "sdxl-lora-kohya.safetensors"), o, "--to", "peft"],
@@ -111,7 +113,12 @@ RUNS = {
 
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_same_command_twice_is_byte_identical(tmp_path, fixtures, name, monkeypatch):
+    """A plain-LoRA merge also with another thread count: its row blocks (made small here) split over 1,
+    then 3 threads (SVD-based commands may round differently on other thread counts, as LAPACK does)."""
+    import loratool.ops.merge
+
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    monkeypatch.setattr(loratool.ops.merge, "_BLOCK_BYTES", 4096)
     if name == "extract":  # a fine-tune of the fixture base: base + a LoRA, merged
         tuned_dir = tmp_path / "fx"
         tuned_dir.mkdir()
@@ -121,8 +128,36 @@ def test_same_command_twice_is_byte_identical(tmp_path, fixtures, name, monkeypa
         fixtures = tuned_dir
     outs = []
     for i in range(2):
+        if name == "merge lora":
+            monkeypatch.setenv("LORATOOL_THREADS", str(1 + 2 * i))
         out = tmp_path / f"out{i}.safetensors"
         args = RUNS[name](fixtures, str(out))
         assert main([*args, "--json"]) == 0
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_process_exit_after_torch_keeps_output_exit_code_and_freezes_torch(tmp_path, fixtures):
+    """`python -m loratool` leaves with os._exit once torch is loaded (no 0.8 s interpreter teardown):
+    piped stdout still arrives whole, the output file is complete, and bad input still exits 2.
+    The import hook froze torch's objects out of the garbage collector's full passes."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.safetensors"
+    args = [sys.executable, "-m", "loratool", "merge", str(fixtures / "sd15-tiny.safetensors"),
+            str(fixtures / "sd15-lora-kohya.safetensors") + ":0.5", "-o", str(out), "--json"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["schema"].startswith("loratool.merge")
+    from loratool.io.source import open_file
+
+    assert len(open_file(out).keys()) == len(open_file(fixtures / "sd15-tiny.safetensors").keys())
+    bad = subprocess.run(args[:-3] + ["-o", str(out), "--json"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:"), bad.stderr  # exists, no --force
+    code = ("import gc, sys\nfrom loratool.cli import main\n"
+            f"rc = main(['resize', {str(fixtures / 'sd15-lora-kohya.safetensors')!r}, '--rank', '2', "
+            f"'-o', {str(tmp_path / 'r.safetensors')!r}])\nprint(rc, gc.get_freeze_count() > 10000)\n")
+    last = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout.splitlines()[-1]
+    assert last.split() == ["0", "True"]

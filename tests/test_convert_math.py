@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from loratool.adapters import AdapterModule, delta, module_shape, to_lora_factors
 from loratool.arch import ModuleTarget
+from loratool.dtypes import all_finite, float_max
 from loratool.dtypes import cast as cast_float
-from loratool.dtypes import float_max
 from loratool.ops.convert import alpha_in_dtype
 
 LIMITS = {"F16": 65504.0, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
@@ -22,10 +22,18 @@ LIMITS = {"F16": 65504.0, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
 @given(
     st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=40),
     st.sampled_from(sorted(LIMITS)),
+    st.booleans(),
 )
-def test_cast_float_clamps_then_rounds_like_torch(values, dtype):
+def test_cast_float_clamps_then_rounds_like_torch(values, dtype, into):
+    """The same rule with and without ``out=`` (the blocked merge casts straight into its output)."""
     x = torch.tensor(values, dtype=torch.float32)
-    y, n = cast_float(x, dtype)
+    if into:
+        out = torch.empty(x.shape, dtype=torch.float8_e4m3fn if dtype == "F8_E4M3" else
+                          torch.float8_e5m2 if dtype == "F8_E5M2" else torch.float16)
+        y, n = cast_float(x.clone(), dtype, out=out)
+        assert y is out
+    else:
+        y, n = cast_float(x, dtype)
     limit = LIMITS[dtype]
     assert float_max(dtype) == limit
     assert n == int((x.abs() > limit).sum())
@@ -37,6 +45,16 @@ def test_cast_float_clamps_then_rounds_like_torch(values, dtype):
     assert torch.equal(yf[inside], expected)
     over = (x.abs() > limit) & ~torch.isnan(x)
     assert torch.equal(yf[over], torch.sign(x[over]) * limit)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=0, max_size=20),
+    st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]),
+)
+def test_all_finite_agrees_with_isfinite(values, dtype):
+    x = torch.tensor(values, dtype=torch.float32).to(dtype)  # fp16/fp8 casts may themselves overflow to inf/NaN
+    assert all_finite(x) == bool(torch.isfinite(x.float()).all())
 
 
 def test_cast_rounding_is_nearest_even():

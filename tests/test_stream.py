@@ -116,12 +116,14 @@ def test_merge_copies_untouched_tensors_byte_for_byte(tmp_path):
             assert os.pread(fd, n, off) == os.pread(mfd, mn, moff), k
 
 
-def test_blocked_lora_merge_equals_the_formula_across_blocks(monkeypatch):
+@pytest.mark.parametrize("workers", ["1", "2", "3"])
+def test_blocked_lora_merge_equals_the_formula_across_blocks(monkeypatch, workers):
     import loratool.ops.merge as merge
     from loratool.adapters import AdapterModule
     from loratool.arch import ModuleTarget
 
     monkeypatch.setattr(merge, "_BLOCK_BYTES", 64 * 4 * 3)  # 3 rows per block: every slice edge falls inside a block
+    monkeypatch.setenv("LORATOOL_THREADS", workers)  # rows split over 1-3 threads: runs of 4, 5 or 10 blocks
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(30, 64, generator=gen).half()
 
@@ -141,3 +143,33 @@ def test_blocked_lora_merge_equals_the_formula_across_blocks(monkeypatch):
     got = merge._merge_blocked(base, assignments, mods, Writer(), "w")
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), expected.half().float(), atol=2e-3, rtol=1e-3)  # one fp16 rounding
+
+
+def test_split_rows_covers_every_row_once_whatever_the_workers():
+    from loratool.runtime import split_rows
+
+    for rows, step, workers in ((30, 3, 1), (30, 3, 2), (30, 3, 4), (31, 3, 3), (5, 10, 2), (0, 4, 2), (7, 1, 4)):
+        runs = split_rows(rows, step, lambda a, b: (a, b), workers)
+        assert runs[0][0] == 0 if rows else runs == []
+        assert all(a % step == 0 and a < b for a, b in runs) and len(runs) <= workers
+        assert [r for a, b in runs for r in range(a, b)] == list(range(rows))
+
+
+def test_split_rows_raises_after_every_run_ended():
+    import threading
+    import time
+
+    from loratool.runtime import split_rows
+
+    ended = []
+
+    def fn(a, b):
+        if a == 0:
+            raise ValueError("first run failed")
+        time.sleep(0.2)
+        ended.append((a, threading.current_thread().name))
+        return a
+
+    with pytest.raises(ValueError, match="first run failed"):
+        split_rows(40, 10, fn, 4)
+    assert sorted(a for a, _ in ended) == [10, 20, 30]  # the other runs finished before the error propagated

@@ -41,7 +41,7 @@ from ..io.writer import SafetensorsWriter, check_output, container_for
 from ..metadata import parse_json_field
 from ..metadata.kohya import conv_network_args, dim_text, network_fields
 from ..progress import Progress
-from ..runtime import resolve_device, threads, threads_for
+from ..runtime import resolve_device, split_rows, threads, threads_for
 from .lowrank import factored_svd
 
 RECIPE_KEY = "loratool.merge.recipe"
@@ -225,14 +225,12 @@ def require_finite(adapters: Sequence[tuple[LoadedAdapter, float]], allow_nonfin
     """Refuse adapters with NaN/Inf values: merged, they would poison every weight they touch."""
     if allow_nonfinite:
         return
-    import torch
-
     bad = [
         f"{ad.path}: {m.keys.get(role, m.target.name + '.' + role)}"
         for ad, _ in adapters
         for m in ad.modules.values()
         for role, t in m.tensors.items()
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())
+        if not dtypes.all_finite(t)
     ]
     if bad:
         raise LoratoolError(
@@ -403,19 +401,24 @@ def _merge_blocked(tensor: torch.Tensor, assignments, mods, writer, name: str) -
                 f"{m.target.name}: ΔW is {up.shape[0]}×{down.shape[1]}, its target {name} rows {lo}:{hi} are "
                 f"{hi - lo}×{flat.shape[1]}", hint="the adapter was made for a different model")
         factors.append((lo, hi, up, down))
-    step = max(1, _BLOCK_BYTES // (4 * max(1, flat.shape[1])))
-    clamped = 0
-    with threads(1):  # small blocks: threads would only wait on each other
-        for i in range(0, rows, step):
-            j = min(rows, i + step)
-            block = flat[i:j].float()
+    cols = flat.shape[1]
+    step = max(1, _BLOCK_BYTES // (4 * max(1, cols)))
+
+    def run(r0: int, r1: int) -> int:  # rows r0:r1, one float32 block buffer reused: no allocation per block
+        buf = torch.empty(min(step, r1 - r0) * cols)
+        clamped = 0
+        for i in range(r0, r1, step):
+            j = min(r1, i + step)
+            block = buf[:(j - i) * cols].view(j - i, cols)
+            block.copy_(flat[i:j])
             for lo, hi, up, down in factors:
                 a, b = max(i, lo), min(j, hi)
                 if a < b:
                     block[a - i:b - i].addmm_(up[a - lo:b - lo], down)
-            cast, n = dtypes.cast(block, out_dtype)
-            out[i:j] = cast
-            clamped += n
+            clamped += dtypes.cast(block, out_dtype, out=out[i:j])[1]  # cast straight into the output
+        return clamped
+
+    clamped = sum(split_rows(rows, step, run))
     if clamped:
         writer.clamped[name] = writer.clamped.get(name, 0) + clamped
     return out.reshape(tensor.shape)
