@@ -53,6 +53,9 @@ def child_main(steps: dict[str, Callable[..., object]], argv: list[str]) -> None
     """Run ``steps[argv[0]](*argv[1:])`` measured, and print the measurement as the last stdout line."""
     import gc
 
+    # As the loratool CLI does before torch loads (loratool.cli.main), for every step alike: torch
+    # imported here first would otherwise fix spinning OpenMP waits, which burn a core on this machine.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch  # noqa: F401  (import cost outside the timed region, for every step alike)
 
     gc.freeze()  # as the loratool CLI does once torch is loaded (loratool.cli._FreezeAfterTorch), for every step alike

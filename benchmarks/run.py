@@ -8,9 +8,12 @@ streamed to disk — then measures, each in its own process and each ``--repeats
 * ``loratool``: the command (``inspect --json``, ``convert --dtype bf16``, ``merge`` a rank-32 LoRA at 0.8);
 * ``cp+sync``: ``cp`` of the same input file, then ``sync`` — the physical limit of a streamed job that
   reads the base once and writes the output once (loratool fsyncs its output too);
-* ``naive``: ``safetensors.torch.load_file`` everything, work in memory, ``save_file``;
+* ``naive``: ``safetensors.torch.load_file`` everything, work in memory, ``save_file``, ``fsync``;
 * ``sd-mecha`` (merge only, where ``import sd_mecha`` works in ``--mecha-python``, default this python):
-  its streamed ``add_difference(base, convert(lora, base), alpha=0.8)`` merge of the same files.
+  its streamed ``add_difference(base, convert(lora, base), alpha=0.8)`` merge of the same files, then ``fsync``.
+
+Every output is flushed to disk inside the timed step (loratool fsyncs before its rename), and every child
+sets ``OMP_WAIT_POLICY=PASSIVE`` before importing torch, as the loratool CLI does.
 
 Every case runs **cold** (the input dropped from the page cache with ``posix_fadvise(DONTNEED)``
 first) and **warm** (the input read once first). Ratios are to ``cp+sync`` in the same mode. resize and
@@ -49,6 +52,15 @@ def _loratool(*args: str) -> None:
         raise SystemExit(rc)
 
 
+def _fsync(path: str) -> None:
+    """Flush an output to disk inside the timed step, as loratool and cp+sync do (same durability for every row)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def inspect_loratool(ckpt: str, lora: str, out: str) -> None:
     import contextlib
     import io
@@ -74,6 +86,7 @@ def convert_naive(ckpt: str, lora: str, out: str) -> None:
 
     sd = load_file(ckpt)
     save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, out)
+    _fsync(out)
 
 
 def merge_loratool(ckpt: str, lora: str, out: str) -> None:
@@ -96,6 +109,7 @@ def merge_naive(ckpt: str, lora: str, out: str) -> None:
             a, b = t.rows
             w[a:b] = apply_to_weight(w[a:b], m, 0.8).to(w.dtype)
     save_file(sd, out)
+    _fsync(out)
 
 
 def cp_sync(ckpt: str, lora: str, out: str) -> None:
@@ -113,6 +127,7 @@ def merge_mecha(ckpt: str, lora: str, out: str) -> None:
     base = sd_mecha.model(ckpt, "sdxl-sgm" if arch == "sdxl" else "sd1-ldm")
     delta = sd_mecha.convert(sd_mecha.model(lora, f"{arch}-kohya_kohya_lora"), base)
     sd_mecha.merge(linear.add_difference(base, delta, alpha=0.8) | base, output=out)
+    _fsync(out)
 
 
 STEPS = {f"{job}_{kind}": globals()[f"{job}_{kind}"] for job in ("inspect", "convert", "merge") for kind in ("loratool", "naive")}
