@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -85,6 +86,7 @@ class KeyParts(NamedTuple):
     naming: Naming
 
 
+@lru_cache(maxsize=1 << 16)  # pure; detection asks it the same keys once per architecture
 def split_key(key: str) -> KeyParts | None:
     """``native key → (module name, role, naming)``, or None when no known suffix matches.
 
