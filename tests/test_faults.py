@@ -54,7 +54,8 @@ def test_existing_output_is_untouched_after_failure(tmp_path):
 def test_sigint_mid_write_leaves_no_output(tmp_path):
     script = textwrap.dedent(
         f"""
-        import sys, time, torch
+        import signal, sys, time, torch
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (`cmd &`)
         from loratool.io.source import TensorSpec
         from loratool.io.writer import SafetensorsWriter
         specs = {{f"t{{i}}": TensorSpec((256,), "F32") for i in range(1000)}}
