@@ -20,6 +20,14 @@ def ref(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return torch.einsum("or,ri->oi", up.double(), down.double()).float()
 
 
+def assert_holds_exactly(path, expected: dict[str, torch.Tensor]) -> None:
+    """The file at ``path`` has exactly ``expected``'s keys, each tensor equal after a cast to its dtype."""
+    with open_file(path) as f:
+        assert set(f.keys()) == set(expected)
+        for k, v in expected.items():
+            assert torch.equal(f.get(k).to(v.dtype), v), k
+
+
 def xlabs_lora(factor: int, rank: int, seed: int = 0, dtype=torch.float32, prefix: str = "") -> dict[str, torch.Tensor]:
     """An x-flux LoRA (every double- and single-block processor), sized to the config of ``factor``."""
     g = torch.Generator().manual_seed(seed)
@@ -177,10 +185,7 @@ def test_kohya_peft_kohya_round_trip_is_identity(tmp_path):
     peft, back = tmp_path / "p.safetensors", tmp_path / "k2.safetensors"
     assert main(["convert", str(path), str(peft), "--to", "peft"]) == 0
     assert main(["convert", str(peft), str(back), "--to", "kohya"]) == 0
-    with open_file(back) as b:
-        assert set(b.keys()) == set(kohya)
-        for k, v in kohya.items():
-            assert torch.equal(b.get(k).to(v.dtype), v), k
+    assert_holds_exactly(back, kohya)
 
 
 def test_split_qkv_file_written_back_keeps_its_delta(base, tmp_path):
@@ -620,10 +625,7 @@ def test_kohya_to_comfyui_names_and_back(base, tmp_path):
         assert torch.equal(c.get("diffusion_model.single_blocks.2.linear1.lora_B.weight"), kohya[f"{n}.lora_up.weight"])
         assert float(c.get("diffusion_model.single_blocks.2.linear1.alpha")) == 2.0
     assert main(["convert", str(comfy), str(back), "--to", "kohya"]) == 0
-    with open_file(back) as b:
-        assert set(b.keys()) == set(kohya)
-        for k, v in kohya.items():
-            assert torch.equal(b.get(k).to(v.dtype), v), k
+    assert_holds_exactly(back, kohya)
 
 
 def test_bfl_diffusers_bfl_round_trip_is_byte_identical(base, tmp_path):
