@@ -136,16 +136,60 @@ def cast(t: torch.Tensor, name: str, out: torch.Tensor | None = None) -> tuple[t
     if target.is_floating_point:
         limit = torch.finfo(target).max
         if torch.finfo(t.dtype).max > limit and t.numel():
+            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                t = t.float()  # fp8 (e5m2 → e4m3) has no aminmax, abs or clamp kernels: widened, exactly
             lo, hi = torch.aminmax(t)  # one pass, no temporary: the common case (in range) ends here
             if not (float(hi) <= limit and float(lo) >= -limit):  # out of range, or NaN present
                 over = t.abs() > limit  # NaN compares False and stays NaN
                 clamped = int(over.sum())
                 if clamped:
                     t = t.clamp_(-limit, limit) if out is not None else t.clamp(-limit, limit)
+    if (t.dtype, target) in _via_float32() and t.numel() >= CAST_BLOCK and (out is None or out.is_contiguous()):
+        dst = out if out is not None else torch.empty(t.shape, dtype=target)
+        _cast_via_float32(t, dst)
+        return dst, clamped
     if out is not None:
         out.copy_(t)
         return out, clamped
     return t.to(target), clamped
+
+
+#: Elements per block of a cast through float32: 1 MiB of float32 stays in cache between its two copies.
+CAST_BLOCK = 1 << 18
+
+
+def _via_float32() -> frozenset:
+    """Casts that torch does faster as two vectorized copies through a float32 block than in one
+    (measured, one thread, 14.7 M elements: fp16→bf16 2.0 → 0.7 ns per element, fp16→fp8_e4m3fn
+    2.3 → 1.3, fp16→fp8_e5m2 1.8 → 0.8, fp8_e5m2→bf16 1.5 → 1.0, fp8_e5m2→fp8_e4m3fn 2.8 → 1.6;
+    every other pair is as fast or faster directly). Both ways round the same exact float32 value
+    (every fp16 and fp8 value is one) to nearest, ties to even: the same result, except the bit pattern
+    of a NaN (torch's float32→bf16 copy writes 0xFFFF, its fp16→bf16 copy 0x7FC0)."""
+    import torch
+
+    f16, bf16, e4, e5 = torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2
+    return frozenset({(f16, bf16), (f16, e4), (f16, e5), (e5, bf16), (e5, e4)})
+
+
+def _cast_via_float32(t: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst.copy_(t)`` a :data:`CAST_BLOCK` at a time through a reused float32 block, the blocks
+    split over the row workers (:func:`loratool.runtime.split_rows`; the result does not depend on
+    their number: each element is converted alone)."""
+    import torch
+
+    from .runtime import split_rows
+
+    src, out = t.reshape(-1), dst.view(-1)
+
+    def run(a: int, b: int) -> None:
+        buf = torch.empty(min(CAST_BLOCK, b - a))
+        for i in range(a, b, CAST_BLOCK):
+            j = min(b, i + CAST_BLOCK)
+            block = buf[: j - i]
+            block.copy_(src[i:j])
+            out[i:j].copy_(block)
+
+    split_rows(src.numel(), CAST_BLOCK, run)
 
 
 def all_finite(t: torch.Tensor) -> bool:

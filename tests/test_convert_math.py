@@ -57,6 +57,35 @@ def test_all_finite_agrees_with_isfinite(values, dtype):
     assert all_finite(x) == bool(torch.isfinite(x.float()).all())
 
 
+@pytest.mark.parametrize(("src", "dst"), [("F16", "BF16"), ("F16", "F8_E4M3"), ("F16", "F8_E5M2"),
+                                          ("F8_E5M2", "BF16"), ("F8_E5M2", "F8_E4M3")])
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_cast_through_float32_blocks_equals_torchs_direct_cast_for_every_bit_pattern(monkeypatch, src, dst, workers):
+    """Every fp16 / fp8 bit pattern, tiled past one block (and cut at odd block edges), gives the value
+    torch's one-step cast gives after the clamp; NaN stays NaN (its bit pattern may differ)."""
+    from loratool import dtypes
+
+    monkeypatch.setenv("LORATOOL_THREADS", workers)
+    monkeypatch.setattr(dtypes, "CAST_BLOCK", 1000)  # blocks and runs end off any vector boundary
+    bits = 16 if src == "F16" else 8
+    pats = torch.arange(1 << bits, dtype=torch.int32).to(torch.int16 if bits == 16 else torch.uint8)
+    x = pats.view(dtypes.to_torch(src)).repeat(3)[: 3 * (1 << bits) - 7].reshape(-1, 1)  # a column: reshape(-1) copies nothing
+    y, n = cast_float(x, dst)
+    assert y.dtype == dtypes.to_torch(dst) and y.shape == x.shape
+    limit = float_max(dst)
+    xf = x.float()
+    nan = torch.isnan(xf)
+    narrowing = float_max(src) > limit  # only a cast into a narrower range clamps (an fp16 inf stays inf in bf16)
+    expected = (xf.clamp(-limit, limit) if narrowing else xf).to(y.dtype)  # torch's own one-step cast after the clamp
+    assert torch.equal(torch.isnan(y.float()), nan)
+    assert torch.equal(y[~nan].float(), expected[~nan].float())
+    assert torch.equal(y[~nan].view(torch.uint8 if y.element_size() == 1 else torch.int16),
+                       expected[~nan].view(torch.uint8 if y.element_size() == 1 else torch.int16))  # -0.0 kept too
+    assert n == (int((xf.abs() > limit).sum()) if narrowing else 0)
+    out = torch.empty(x.shape, dtype=y.dtype)
+    assert cast_float(x, dst, out=out)[0] is out and torch.equal(out[~nan].float(), expected[~nan].float())
+
+
 def test_cast_rounding_is_nearest_even():
     # 1.0625 is halfway between e4m3 neighbours 1.0 and 1.125 → even mantissa 1.0;
     # 1.1875 is halfway between 1.125 and 1.25 → 1.25.
