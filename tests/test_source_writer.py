@@ -141,10 +141,44 @@ def _mapped_resident_kib(path) -> int:
 
 def test_safetensors_tensors_are_read_not_mapped(tmp_path):
     """Mapped pages count as resident until unmapped, so streaming a 7 GB file through a map shows 7 GB RSS.
-    Reading per tensor keeps the file's pages out of the process's resident set."""
+    ``get`` reads per tensor and keeps the file's pages out of the process's resident set."""
     big = {f"w{i}": torch.randn(256, 1024) for i in range(8)}  # 8 MiB of data
     p = save_tensors(tmp_path / "m.safetensors", big)
     src = open_file(p)
     for k in src.keys():
         assert torch.equal(src.get(k), big[k])
     assert _mapped_resident_kib(p) < 1024
+
+
+def test_mapped_tensors_equal_read_ones_and_writes_to_them_stay_private(tmp_path):
+    """The streaming engine's view of a file (a private map): the same values as ``get`` at every
+    unaligned offset, and a write into a mapped tensor changes neither the file nor a later read."""
+    gen = torch.Generator().manual_seed(5)
+    tensors = {f"t{i}": torch.randn(3 + 97 * i, generator=gen).to(torch.float16 if i % 2 else torch.float32)
+               for i in range(12)}  # odd byte sizes: most tensors start and end inside a page
+    p = save_tensors(tmp_path / "m.safetensors", tensors)
+    before = p.read_bytes()
+    src = open_file(p)
+    for k, t in tensors.items():
+        m = src.mapped(k)
+        assert m.dtype == t.dtype and torch.equal(m, t)
+        m.fill_(7)  # copy-on-write: private to this process
+        assert torch.equal(src.get(k), t)
+    assert p.read_bytes() == before
+    src.close()
+
+
+def test_dropped_mapped_pages_leave_the_resident_set_and_reread_from_the_file(tmp_path):
+    big = {f"w{i}": torch.randn(256, 1024) for i in range(8)}  # 8 MiB of data
+    p = save_tensors(tmp_path / "m.safetensors", big)
+    src = open_file(p)
+    views = {k: src.mapped(k) for k in src.keys()}
+    for k in views:
+        src.prefetch(k)
+    assert _mapped_resident_kib(p) > 7 * 1024  # prefetched: the pages are mapped in
+    for k in views:
+        src.drop(k)
+    assert _mapped_resident_kib(p) < 1024  # of 8 MiB: the pages two tensors share, and what the kernel maps around them
+    for k, v in views.items():
+        assert torch.equal(v, big[k])  # a dropped page reads the file again
+    src.close()

@@ -74,12 +74,17 @@ def test_raw_copy_falls_back_without_copy_file_range(tmp_path, monkeypatch):
 def test_a_failure_in_any_stage_stops_the_run_and_leaves_no_file(tmp_path, monkeypatch, where):
     src = open_file(_source(tmp_path))
     specs = {k: TensorSpec(s.shape, "F32") for k, s in src.specs().items() if k != "ids"}
-    real_get, real_write = src.get, SafetensorsWriter.write
+    real_get, real_prefetch, real_write = src.get, src.prefetch, SafetensorsWriter.write
 
     def get(key):
         if where == "read" and key == "t20":
             raise ValueError("bad read")
         return real_get(key)
+
+    def prefetch(key):  # where a mapped input is read
+        if where == "read" and key == "t20":
+            raise ValueError("bad read")
+        return real_prefetch(key)
 
     def write(self, key, t):
         if where == "write" and key == "t20":
@@ -92,6 +97,7 @@ def test_a_failure_in_any_stage_stops_the_run_and_leaves_no_file(tmp_path, monke
         return t
 
     monkeypatch.setattr(src, "get", get)
+    monkeypatch.setattr(src, "prefetch", prefetch)
     monkeypatch.setattr(SafetensorsWriter, "write", write)
     out = tmp_path / "out.safetensors"
     with pytest.raises(ValueError, match=f"bad {where}"):
@@ -173,3 +179,45 @@ def test_split_rows_raises_after_every_run_ended():
     with pytest.raises(ValueError, match="first run failed"):
         split_rows(40, 10, fn, 4)
     assert sorted(a for a, _ in ended) == [10, 20, 30]  # the other runs finished before the error propagated
+
+
+def test_a_run_leaves_none_of_a_mapped_input_resident(tmp_path, monkeypatch):
+    """The reader maps inputs and the writer unmaps each once its last item is written: streaming a
+    file through a computation ends with none of it in the process's resident set (a fused input read
+    by three items is unmapped only after the third)."""
+    from test_source_writer import _mapped_resident_kib
+
+    gen = torch.Generator().manual_seed(1)
+    tensors = {f"w{i}": torch.randn(512, 1024, generator=gen) for i in range(8)}  # 16 MiB
+    p = save_tensors(tmp_path / "in.safetensors", tensors)
+    src = open_file(p)
+    specs = {f"{k}.{part}": TensorSpec((512 // 3 + (part == 0) * 2, 1024), "F16") for k in tensors for part in range(3)}
+    cuts = {0: (0, 172), 1: (172, 342), 2: (342, 512)}
+    seen = []
+
+    def slice_of(part):
+        def fn(t):
+            seen.append(_mapped_resident_kib(p))
+            a, b = cuts[part]
+            return t[a:b] * 2
+        return fn
+
+    events = []
+    real_drop, real_write = src.drop, SafetensorsWriter.write
+    monkeypatch.setattr(src, "drop", lambda key: (events.append(("drop", key)), real_drop(key)))
+    monkeypatch.setattr(SafetensorsWriter, "write",
+                        lambda self, key, t: (events.append(("write", key)), real_write(self, key, t)))
+    out = tmp_path / "out.safetensors"
+    with SafetensorsWriter(out, specs) as w:
+        stream.run(src, [stream.Item(w, f"{k}.{part}", (k,), slice_of(part)) for k in tensors for part in range(3)],
+                   budget=1)
+        w.finalize()
+    assert max(seen) > 1024  # the inputs were mapped in while computed
+    for k in tensors:  # each input unmapped once, right after its third slice was written
+        assert events.count(("drop", k)) == 1
+        assert events.index(("drop", k)) == events.index(("write", f"{k}.2")) + 1
+    assert _mapped_resident_kib(p) < 1024  # of 16 MiB
+    got = open_file(out)
+    for k, t in tensors.items():
+        for part, (a, b) in cuts.items():
+            assert torch.equal(got.get(f"{k}.{part}"), (t[a:b] * 2).half())

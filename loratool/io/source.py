@@ -1,7 +1,8 @@
 """Lazy tensor sources: keys, shapes, dtypes and metadata without reading tensor data.
 
 Every command reads model files through :func:`open_file`. A source never loads
-the whole model: ``.safetensors`` files are memory-mapped by safetensors itself,
+the whole model: a ``.safetensors`` header is validated by safetensors and each tensor read
+on its own (or mapped, by the streaming engine, one tensor at a time),
 pickled torch files are unpickled with an allow-list (:mod:`.pickle`) and their storages read
 one record at a time, and a diffusers folder is a set of component files seen as
 one source with ``component/key`` names.
@@ -10,6 +11,7 @@ one source with ``component/key`` names.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -117,6 +119,9 @@ class _SourceBase:
 
 # ----------------------------------------------------------------------------- safetensors
 
+_PAGE = mmap.PAGESIZE
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python names it from 3.13 on
+
 
 class SafetensorsSource(_SourceBase):
     """A ``.safetensors`` file: header validated and read by ``safetensors.safe_open``; tensors read one at a time.
@@ -124,10 +129,10 @@ class SafetensorsSource(_SourceBase):
     ``header_size`` is the byte length of the JSON header, so ``8 + header_size`` is
     where tensor data starts (used for the kohya ``sshs_model_hash``).
 
-    Tensor data is read with ``pread`` into a buffer owned by the returned tensor rather than through
-    a memory map: mapped pages stay resident (and count in the process's RSS) until the file is closed,
-    so streaming a 7 GB checkpoint through a map shows a 7 GB peak RSS; reading per tensor keeps the
-    peak at the few tensors in flight.
+    ``get`` reads tensor data with ``pread`` into a buffer owned by the returned tensor rather than
+    through a memory map: mapped pages stay resident (and count in the process's RSS) until unmapped,
+    so a caller holding a map of a 7 GB checkpoint shows a 7 GB peak RSS. Only the streaming engine,
+    which knows when each tensor is done with, uses the map (:meth:`mapped`, :meth:`drop`).
     """
 
     format = "safetensors"
@@ -152,6 +157,7 @@ class SafetensorsSource(_SourceBase):
         self.header_size = n
         self._offsets: dict[str, tuple[int, int]] | None = None
         self._fd: int | None = None
+        self._map: mmap.mmap | bool | None = None  # see mapped(); False: the file cannot be mapped
         try:
             # The numpy view reads the header without importing torch; tensors come from a torch view.
             self._handle = safe_open(str(self.path), framework="numpy")
@@ -207,8 +213,62 @@ class SafetensorsSource(_SourceBase):
             done += got
         return raw.view(dt).reshape(spec.shape)
 
+    def mapped(self, key: str) -> torch.Tensor | None:
+        """The tensor as a view of a private (copy-on-write) memory map of the file: nothing is read
+        until it is used, and a write to it never reaches the file. For the streaming engine, which
+        calls :meth:`prefetch` first and :meth:`drop` once the tensor is written; None when the file
+        cannot be mapped (the caller then uses :meth:`get`)."""
+        import torch
+
+        if self._map is None:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            try:
+                self._map = mmap.mmap(self._fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except (OSError, ValueError, AttributeError):  # a file system without mmap, an empty file, Windows
+                self._map = False
+        spec = self.spec(key)
+        begin, end = self._data_offsets()[key]
+        if not self._map or end == begin:
+            return None
+        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=begin)
+        return raw.view(dtypes.to_torch(spec.dtype)).reshape(spec.shape)
+
+    def _pages(self, key: str, outer: bool) -> tuple[int, int]:
+        begin, end = self._data_offsets()[key]
+        if outer:
+            return begin - begin % _PAGE, end
+        first = -(-begin // _PAGE) * _PAGE
+        return first, max(first, end - end % _PAGE)
+
+    def prefetch(self, key: str) -> None:
+        """Read a :meth:`mapped` tensor's pages in now (in the calling thread, so that a cold file is
+        read by the engine's reader, not where the tensor is used)."""
+        if self._map:
+            a, b = self._pages(key, outer=True)
+            if b > a:
+                self._map.madvise(mmap.MADV_WILLNEED, a, b - a)  # the whole range's reads submitted at once
+                try:
+                    self._map.madvise(_MADV_POPULATE_READ, a, b - a)  # then wait for them and map the pages
+                except OSError:  # before Linux 5.14: the read-ahead is started at least
+                    pass
+
+    def drop(self, key: str) -> None:
+        """Unmap the whole pages of a :meth:`mapped` tensor that is no longer used (they stay in the page
+        cache): the process's resident memory stays the tensors in flight, not the file."""
+        if self._map:
+            a, b = self._pages(key, outer=False)
+            if b > a:
+                self._map.madvise(mmap.MADV_DONTNEED, a, b - a)
+
     def close(self) -> None:
         self._handle = None
+        if self._map:
+            try:
+                self._map.close()
+            except BufferError:  # tensors still view it: unmapped when the last of them goes
+                pass
+        self._map = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -288,6 +348,21 @@ class DiffusersFolderSource(_SourceBase):
         self.spec(key)
         src, k = self._owner[key]
         return src.raw_range(k)
+
+    def mapped(self, key: str) -> torch.Tensor | None:
+        self.spec(key)
+        src, k = self._owner[key]
+        return src.mapped(k) if hasattr(src, "mapped") else None
+
+    def prefetch(self, key: str) -> None:
+        src, k = self._owner[key]
+        if hasattr(src, "prefetch"):
+            src.prefetch(k)
+
+    def drop(self, key: str) -> None:
+        src, k = self._owner[key]
+        if hasattr(src, "drop"):
+            src.drop(k)
 
     def close(self) -> None:
         for s in self._parts.values():

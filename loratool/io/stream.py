@@ -13,6 +13,11 @@ A tensor passed through unchanged (no function, same dtype, safetensors in and o
 into memory: the writer copies its bytes file to file with ``copy_file_range``. Memory is bounded by
 the two budgets plus the largest tensor (one item may exceed a budget when nothing else is queued).
 
+A source that can map its file (safetensors: ``mapped``/``prefetch``/``drop``) is not read into
+buffers at all: the reader maps each input and faults its pages in ahead of the computation, and the
+writer unmaps them once the last item using them is written. That saves a copy and a freshly
+faulted buffer per input byte (measured on an SD1.5 convert: 1.2 s of 3.6 s CPU in the kernel).
+
 Any exception — a bad tensor, a full disk, SIGINT/SIGTERM in the calling thread — stops both threads
 before it propagates, so the writers' ``__exit__`` can remove their temporary files safely.
 """
@@ -36,7 +41,11 @@ DEFAULT_BUDGET = 128 << 20
 
 @dataclass(frozen=True)
 class Item:
-    """One output tensor: ``writer.write(key, fn(*inputs))``; ``fn`` None passes ``inputs[0]`` through."""
+    """One output tensor: ``writer.write(key, fn(*inputs))``; ``fn`` None passes ``inputs[0]`` through.
+
+    ``fn`` must not keep its inputs, or views of them, once it returns (except in its result): a mapped
+    input is unmapped once the item is written.
+    """
 
     writer: Any
     key: str
@@ -123,6 +132,21 @@ def run(
     ahead, behind = _Budgeted(budget), _Budgeted(budget)
     errors: list[BaseException] = []
     raw = [_raw_copyable(source, it) for it in items]
+    maps = all(hasattr(source, a) for a in ("mapped", "prefetch", "drop"))
+    last_use: dict[str, int] = {}  # input key → the last item reading it (then its pages are unmapped)
+    for i, (it, rng) in enumerate(zip(items, raw)):
+        if rng is None:
+            last_use.update((k, i) for k in it.inputs)
+    dropped_after: dict[int, list[str]] = {}
+    for k, i in last_use.items():
+        dropped_after.setdefault(i, []).append(k)
+
+    def read(key: str) -> torch.Tensor:
+        t = source.mapped(key) if maps else None
+        if t is None:
+            return source.get(key)
+        source.prefetch(key)
+        return t
 
     def reader() -> None:
         last: tuple[str, Any] | None = None  # q, k, v slices of one fused tensor read it once
@@ -134,7 +158,7 @@ def run(
                 tensors = []
                 for key in it.inputs:
                     if last is None or last[0] != key:
-                        last = (key, source.get(key))
+                        last = (key, read(key))
                     tensors.append(last[1])
                 ahead.put(tensors, it.nbytes or sum(t.numel() * t.element_size() for t in tensors))
         except _Stop:
@@ -149,11 +173,15 @@ def run(
                 job = behind.get()
                 if job is None:
                     return
-                it, payload, rng = job
+                i, it, payload, rng = job
                 if rng is not None:
                     it.writer.copy_raw(it.key, *rng, source.spec(it.inputs[0]).dtype)
                 else:
                     it.writer.write(it.key, payload)
+                    del payload, job
+                    if maps:
+                        for key in dropped_after.get(i, ()):
+                            source.drop(key)
         except _Stop:
             pass
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
@@ -169,14 +197,15 @@ def run(
         for n, (it, rng) in enumerate(zip(items, raw), 1):
             tensors = ahead.get()
             if rng is not None:
-                behind.put((it, None, rng), 0)
+                behind.put((n - 1, it, None, rng), 0)
                 stats.copied += 1
             else:
                 out = it.fn(*tensors) if it.fn is not None else tensors[0]
                 del tensors
                 if hasattr(it.writer, "cast"):  # casts here, so the writer thread only moves bytes
                     out = it.writer.cast(it.key, out)
-                behind.put((it, out, None), out.numel() * out.element_size())
+                behind.put((n - 1, it, out, None), out.numel() * out.element_size())
+                del out
                 stats.computed += 1
             if on_progress:
                 on_progress(n, len(items), it.key)
