@@ -181,43 +181,51 @@ def test_split_rows_raises_after_every_run_ended():
     assert sorted(a for a, _ in ended) == [10, 20, 30]  # the other runs finished before the error propagated
 
 
-def test_a_run_leaves_none_of_a_mapped_input_resident(tmp_path, monkeypatch):
-    """The reader maps inputs and the writer unmaps each once its last item is written: streaming a
-    file through a computation ends with none of it in the process's resident set (a fused input read
-    by three items is unmapped only after the third)."""
+@pytest.mark.parametrize("result", ["new", "view"])
+def test_a_run_leaves_none_of_a_mapped_input_resident(tmp_path, monkeypatch, result):
+    """The reader maps inputs; after the last item using one (a fused input here, read by three items),
+    it is unmapped as soon as that item is computed into new memory, or, when the result is a view of
+    it, once the result is written. Streaming a file ends with none of it in the resident set."""
     from test_source_writer import _mapped_resident_kib
 
     gen = torch.Generator().manual_seed(1)
     tensors = {f"w{i}": torch.randn(512, 1024, generator=gen) for i in range(8)}  # 16 MiB
     p = save_tensors(tmp_path / "in.safetensors", tensors)
     src = open_file(p)
-    specs = {f"{k}.{part}": TensorSpec((512 // 3 + (part == 0) * 2, 1024), "F16") for k in tensors for part in range(3)}
+    dtype = "F16" if result == "new" else "F32"  # a view in its own dtype is written as it is
+    specs = {f"{k}.{part}": TensorSpec((512 // 3 + (part == 0) * 2, 1024), dtype) for k in tensors for part in range(3)}
     cuts = {0: (0, 172), 1: (172, 342), 2: (342, 512)}
-    seen = []
+    seen, events = [], []
 
-    def slice_of(part):
+    def slice_of(key, part):
         def fn(t):
             seen.append(_mapped_resident_kib(p))
+            events.append(("compute", f"{key}.{part}"))
             a, b = cuts[part]
-            return t[a:b] * 2
+            return t[a:b] * 2 if result == "new" else t[a:b]
         return fn
 
-    events = []
     real_drop, real_write = src.drop, SafetensorsWriter.write
     monkeypatch.setattr(src, "drop", lambda key: (events.append(("drop", key)), real_drop(key)))
     monkeypatch.setattr(SafetensorsWriter, "write",
                         lambda self, key, t: (events.append(("write", key)), real_write(self, key, t)))
     out = tmp_path / "out.safetensors"
     with SafetensorsWriter(out, specs) as w:
-        stream.run(src, [stream.Item(w, f"{k}.{part}", (k,), slice_of(part)) for k in tensors for part in range(3)],
+        stream.run(src, [stream.Item(w, f"{k}.{part}", (k,), slice_of(k, part)) for k in tensors for part in range(3)],
                    budget=1)
         w.finalize()
     assert max(seen) > 1024  # the inputs were mapped in while computed
-    for k in tensors:  # each input unmapped once, right after its third slice was written
+    for k in tensors:  # each input unmapped once, after its third slice (computed / written), before any later use
         assert events.count(("drop", k)) == 1
-        assert events.index(("drop", k)) == events.index(("write", f"{k}.2")) + 1
+        dropped = events.index(("drop", k))
+        after = ("compute" if result == "new" else "write", f"{k}.2")
+        assert events.index(after) < dropped
+        if result == "view":
+            assert dropped == events.index(after) + 1
+        assert not [e for e in events[dropped:] if e[0] == "compute" and e[1].startswith(f"{k}.")]
     assert _mapped_resident_kib(p) < 1024  # of 16 MiB
     got = open_file(out)
     for k, t in tensors.items():
         for part, (a, b) in cuts.items():
-            assert torch.equal(got.get(f"{k}.{part}"), (t[a:b] * 2).half())
+            expected = t[a:b] * 2 if result == "new" else t[a:b]
+            assert torch.equal(got.get(f"{k}.{part}"), expected.to(got.get(f"{k}.{part}").dtype))
