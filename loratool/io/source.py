@@ -216,8 +216,10 @@ class SafetensorsSource(_SourceBase):
     def mapped(self, key: str) -> torch.Tensor | None:
         """The tensor as a view of a private (copy-on-write) memory map of the file: nothing is read
         until it is used, and a write to it never reaches the file. For the streaming engine, which
-        calls :meth:`prefetch` first and :meth:`drop` once the tensor is written; None when the file
-        cannot be mapped (the caller then uses :meth:`get`)."""
+        calls :meth:`prefetch` first and :meth:`drop` once it is done with the tensor; None when the
+        file cannot be mapped (the caller then uses :meth:`get`). The header was checked against the
+        file's size at open; a file truncated by someone else while mapped ends the process (SIGBUS),
+        as it would under safetensors' own map."""
         import torch
 
         if self._map is None:

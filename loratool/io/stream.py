@@ -16,8 +16,8 @@ the two budgets plus the largest tensor (one item may exceed a budget when nothi
 A source that can map its file (safetensors: ``mapped``/``prefetch``/``drop``) is not read into
 buffers at all: the reader maps each input and faults its pages in ahead of the computation; after
 the last item using it, an input is unmapped as soon as that item's result is computed into new
-memory, or else (a result that is a view of it) once the result is written. That saves a copy and a freshly
-faulted buffer per input byte (measured on an SD1.5 convert: 1.2 s of 3.6 s CPU in the kernel).
+memory, or else (a result that is a view of it) once the result is written. That saves a copy and a
+freshly faulted buffer per input byte (measured on an SD1.5 convert: 1.0 s of 3.8 s CPU in the kernel).
 
 Any exception — a bad tensor, a full disk, SIGINT/SIGTERM in the calling thread — stops both threads
 before it propagates, so the writers' ``__exit__`` can remove their temporary files safely.
@@ -45,7 +45,7 @@ class Item:
     """One output tensor: ``writer.write(key, fn(*inputs))``; ``fn`` None passes ``inputs[0]`` through.
 
     ``fn`` must not keep its inputs, or views of them, once it returns (except in its result): a mapped
-    input is unmapped once the item is written.
+    input is unmapped once its last item is computed (or written, when the result is a view of it).
     """
 
     writer: Any
