@@ -71,12 +71,20 @@ def threads_for(work: int, small: int = SMALL_WORK) -> int | None:
     ``LORATOOL_THREADS=N`` fixes the count for every call; ``LORATOOL_THREADS=all`` always uses torch's
     default pool (the behaviour without a policy, kept for the benchmark).
     """
-    override = os.environ.get("LORATOOL_THREADS", "").strip().lower()
+    override = _threads_override()
     if override == "all":
         return None
-    if override.isdigit() and int(override) > 0:
-        return int(override)
+    if isinstance(override, int):
+        return override
     return 1 if work < small else None
+
+
+def _threads_override() -> int | str | None:
+    """``LORATOOL_THREADS``: a positive count, ``"all"``, or None (unset or anything else)."""
+    text = os.environ.get("LORATOOL_THREADS", "").strip().lower()
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    return "all" if text == "all" else None
 
 
 #: The most threads :func:`split_rows` uses: past this the disk, not the arithmetic, bounds a merge.
@@ -90,8 +98,8 @@ def row_workers() -> int:
     :data:`MAX_ROW_WORKERS`; ``LORATOOL_THREADS=N`` sets it."""
     import torch
 
-    override = os.environ.get("LORATOOL_THREADS", "").strip().lower()
-    n = int(override) if override.isdigit() and int(override) > 0 else torch.get_num_threads()
+    override = _threads_override()
+    n = override if isinstance(override, int) else torch.get_num_threads()
     return max(1, min(MAX_ROW_WORKERS, n))
 
 
