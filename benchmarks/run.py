@@ -16,7 +16,8 @@ Every output is flushed to disk inside the timed step (loratool fsyncs before it
 sets ``OMP_WAIT_POLICY=PASSIVE`` before importing torch, as the loratool CLI does.
 
 Every case runs **cold** (the input dropped from the page cache with ``posix_fadvise(DONTNEED)``
-first) and **warm** (the input read once first). Ratios are to ``cp+sync`` in the same mode. resize and
+first) and **warm** (the input read once first). Each repeat runs ``cp+sync`` and then every job once
+(interleaved); a job's ratio is the median of its per-repeat ratios to that repeat's ``cp+sync``. resize and
 extract have their own script with dense-SVD baselines (benchmarks/bench_resize_extract.py); run.py runs
 it too unless --no-lowrank. Generated files go to a temp folder, deleted at the end unless --keep.
 Not part of the test suite: on this 2-core machine SD1.5 takes a few minutes, SDXL ~15 more.
@@ -151,17 +152,16 @@ def _files(folder: Path, arch: str) -> tuple[Path, Path]:
     return ckpt, lora
 
 
-def _measure(folder: Path, step: str, ckpt: Path, lora: Path, mode: str, repeats: int, python: str | None = None) -> dict:
-    runs = []
-    for _ in range(repeats):
-        out = folder / f"out-{step}.safetensors"
-        (warm if mode == "warm" else cold)(str(ckpt))
-        (warm if mode == "warm" else cold)(str(lora))
-        runs.append(run_child(str(HERE), step, str(ckpt), str(lora), str(out), python=python))
+def _measure_once(folder: Path, step: str, ckpt: Path, lora: Path, mode: str, python: str | None = None) -> dict:
+    out = folder / f"out-{step}.safetensors"
+    (warm if mode == "warm" else cold)(str(ckpt))
+    (warm if mode == "warm" else cold)(str(lora))
+    try:
+        return run_child(str(HERE), step, str(ckpt), str(lora), str(out), python=python)
+    finally:
         if out.exists():
             out.unlink()
         subprocess.run(["sync"], check=True)  # the next run starts without someone else's dirty pages
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
 
 
 def _mecha_python(arg: str | None) -> str | None:
@@ -171,27 +171,37 @@ def _mecha_python(arg: str | None) -> str | None:
 
 
 def _bench_arch(folder: Path, arch: str, repeats: int, mecha: str | None) -> list[tuple[str, str, str, dict]]:
+    """Each repeat runs ``cp+sync`` and then every job once (interleaved, so a slow spell of the shared disk
+    falls on every row alike); a job's ratio is the median of its per-repeat ratios to that repeat's cp+sync."""
     ckpt, lora = _files(folder, arch)
+    jobs = [(f"{job} {kind}", f"{job}_{kind}", mecha if kind == "mecha" else None)
+            for job in ("inspect", "convert", "merge") for kind in ("loratool", "naive", "mecha")
+            if kind != "mecha" or (job == "merge" and mecha is not None)]
     rows = []
     for mode in ("cold", "warm"):
-        cp = _measure(folder, "cp_sync", ckpt, lora, mode, repeats)
-        rows.append((arch, mode, "cp+sync", cp))
-        for job in ("inspect", "convert", "merge"):
-            for kind in ("loratool", "naive", "mecha"):
-                if kind == "mecha" and (job != "merge" or mecha is None):
+        runs: dict[str, list[dict]] = {"cp+sync": []}
+        failed: set[str] = set()
+        for r in range(repeats):
+            cp = _measure_once(folder, "cp_sync", ckpt, lora, mode)
+            runs["cp+sync"].append(cp)
+            for name, step, python in jobs:
+                if name in failed:
                     continue
-                python = mecha if kind == "mecha" else None
                 try:
-                    result = _measure(folder, f"{job}_{kind}", ckpt, lora, mode, repeats, python)
+                    result = _measure_once(folder, step, ckpt, lora, mode, python)
                 except RuntimeError as exc:  # a peer tool that fails on this input is reported, not fatal
                     last = [line for line in str(exc).splitlines() if line.strip()][-1]
-                    print(f"  {arch} {mode} {job} {kind} failed: {last}", file=sys.stderr)
+                    print(f"  {arch} {mode} {name} failed: {last}", file=sys.stderr)
+                    failed.add(name)
                     for stale in folder.glob("out-*"):
                         stale.unlink()
                     continue
                 result["vs_cp"] = result["seconds"] / cp["seconds"]
-                rows.append((arch, mode, f"{job} {kind}", result))
-            print(f"  {arch} {mode} {job}: done", file=sys.stderr)
+                runs.setdefault(name, []).append(result)
+            print(f"  {arch} {mode} run {r + 1}/{repeats}: done", file=sys.stderr)
+        for name, rs in runs.items():
+            rows.append((arch, mode, name, {k: statistics.median(x[k] for x in rs) for k in rs[0]
+                                            if isinstance(rs[0][k], (int, float))}))
     return rows
 
 
