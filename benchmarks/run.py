@@ -1,6 +1,6 @@
 """Whole-process benchmarks: loratool's commands against ``cp``, naive baselines and sd-mecha, in one run.
 
-    python benchmarks/run.py [--sdxl] [--repeats N] [--keep DIR] [--mecha-python PY] [--no-lowrank]
+    python benchmarks/run.py [--sdxl [--skip-sd1]] [--repeats N] [--keep DIR] [--mecha-python PY] [--no-lowrank]
 
 Generates full-size synthetic files with the real SD1.5 (and with --sdxl, SDXL) layouts — seeded,
 streamed to disk — then measures, each in its own process and each ``--repeats`` times (medians):
@@ -217,6 +217,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", nargs="+")
     ap.add_argument("--sdxl", action="store_true", help="also benchmark the SDXL layout (~7 GB file)")
+    ap.add_argument("--skip-sd1", action="store_true", help="with --sdxl: the SDXL layout only")
     ap.add_argument("--keep", help="work in this folder and keep the generated files")
     ap.add_argument("--no-lowrank", action="store_true", help="skip benchmarks/bench_resize_extract.py")
     ap.add_argument("--repeats", type=int, default=3, help="runs per case (medians are printed)")
@@ -229,7 +230,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         mecha = _mecha_python(args.mecha_python)
-        rows = _bench_arch(folder, "sd1", args.repeats, mecha)
+        rows = [] if args.skip_sd1 and args.sdxl else _bench_arch(folder, "sd1", args.repeats, mecha)
         if args.sdxl:
             rows += _bench_arch(folder, "sdxl", args.repeats, mecha)
         print(f"{os.cpu_count()} CPUs; medians of {args.repeats}; '× cp+sync' is the ratio to cp + sync of the same input in the"
