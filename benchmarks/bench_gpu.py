@@ -16,7 +16,8 @@ command, CUDA start included; peak RSS), and checks that the GPU outputs equal t
   Frobenius error ≤ 1e-4: truncated factorizations move with the gap between the 32nd and 33rd singular
   values). The extract is also compared with the planted ``0.8·ΔW`` of the LoRA it was merged from.
 
-``--gpu cpu`` runs the same script with the CPU on both sides (a self-test of the script, here).
+``--gpu cpu`` runs the same script with the CPU on both sides (a self-test of the script, here: two
+runs, two sets of files, compared the same way).
 ``--factor N`` divides every width by N (a small run). Results are printed as one table and, with
 ``--json``, written after every step (a run cut short still leaves what it measured). Files live in a
 temp folder (inside ``--dir`` if given), deleted at the end. Not part of the test suite.
@@ -74,23 +75,23 @@ def setup(d: str, arch: str, factor: str) -> dict:
     return {"generated_s": round(time.perf_counter() - start, 1), "base_bytes": (p / "base.safetensors").stat().st_size}
 
 
-def merge(d: str, device: str, dtype: str) -> None:
+def merge(d: str, side: str, device: str, dtype: str) -> None:
     p = Path(d)
     extra = [] if dtype == "base" else ["--dtype", dtype]
     _loratool("merge", str(p / "base.safetensors"), f"{p / 'lora32.safetensors'}:{RATIO}",
-              "-o", str(p / f"merged-{device}-{dtype}.safetensors"), "--device", device, *extra, "--force")
+              "-o", str(p / f"merged-{side}-{dtype}.safetensors"), "--device", device, *extra, "--force")
 
 
-def resize(d: str, device: str) -> None:
+def resize(d: str, side: str, device: str) -> None:
     p = Path(d)
-    _loratool("resize", str(p / "lora128.safetensors"), "-o", str(p / f"resized-{device}.safetensors"),
+    _loratool("resize", str(p / "lora128.safetensors"), "-o", str(p / f"resized-{side}.safetensors"),
               "--rank", str(RANK), "--device", device, "--dtype", "fp32", "--force")
 
 
-def extract(d: str, device: str) -> None:
+def extract(d: str, side: str, device: str) -> None:
     p = Path(d)
     _loratool("extract", str(p / "merged-cpu-base.safetensors"), str(p / "base.safetensors"),
-              "-o", str(p / f"extracted-{device}.safetensors"), "--rank", str(RANK), "--device", device,
+              "-o", str(p / f"extracted-{side}.safetensors"), "--rank", str(RANK), "--device", device,
               "--dtype", "fp32", "--force")
 
 
@@ -238,30 +239,28 @@ def main() -> None:
         results["machine"] = {k: info[k] for k in ("gpu", "torch", "cpus", "python") if k in info}
         print(json.dumps(results["machine"]), flush=True)
         step("setup", "setup", str(d), args.arch, str(args.factor))
+        sides = (("cpu", "cpu"), ("gpu", gpu))  # (file label, --device): distinct files even in the self-test
         for dtype in ("base", "fp32"):
-            for dev in ("cpu", gpu):
-                step(f"merge {dtype} {dev}", "merge", str(d), dev, dtype)
-            c = compare_checkpoints(d / f"merged-{gpu}-{dtype}.safetensors", d / f"merged-cpu-{dtype}.safetensors")
+            for side, dev in sides:
+                step(f"merge {dtype} {side}", "merge", str(d), side, dev, dtype)
+            c = compare_checkpoints(d / f"merged-gpu-{dtype}.safetensors", d / f"merged-cpu-{dtype}.safetensors")
             ok = c.get("max_ulp", 99) <= 1 if dtype == "base" else c.get("max_rel_fro", 1.0) <= TOL_MERGE_FP32
             check(f"merge {dtype}", c, ok)
-            if gpu != "cpu":
-                (d / f"merged-{gpu}-{dtype}.safetensors").unlink()
+            (d / f"merged-gpu-{dtype}.safetensors").unlink()
             if dtype == "fp32":
-                (d / "merged-cpu-fp32.safetensors").unlink(missing_ok=True)
-        for dev in ("cpu", gpu):
-            step(f"resize {dev}", "resize", str(d), dev)
-        c = compare_loras(d / f"resized-{gpu}.safetensors", d / "resized-cpu.safetensors")
+                (d / "merged-cpu-fp32.safetensors").unlink()
+        for side, dev in sides:
+            step(f"resize {side}", "resize", str(d), side, dev)
+        c = compare_loras(d / "resized-gpu.safetensors", d / "resized-cpu.safetensors")
         check("resize", c, c.get("max_rel_fro", 1.0) <= TOL_LOWRANK)
-        for dev in ("cpu", gpu):
-            step(f"extract {dev}", "extract", str(d), dev)
-        c = compare_loras(d / f"extracted-{gpu}.safetensors", d / "extracted-cpu.safetensors",
+        for side, dev in sides:
+            step(f"extract {side}", "extract", str(d), side, dev)
+        c = compare_loras(d / "extracted-gpu.safetensors", d / "extracted-cpu.safetensors",
                           planted=d / "lora32.safetensors", ratio=RATIO)
         check("extract", c, c.get("max_rel_fro", 1.0) <= TOL_LOWRANK)
-        cpu_s = {k.removesuffix(" cpu"): v["seconds"] for k, v in results["steps"].items() if k.endswith(" cpu")}
-        for job, secs in cpu_s.items():
-            g = results["steps"].get(f"{job} {gpu}")
-            if g and gpu != "cpu":
-                print(f"{job:16} cpu {secs:8.2f} s   {gpu} {g['seconds']:8.2f} s   ×{secs / g['seconds']:.1f}")
+        for job in ("merge base", "merge fp32", "resize", "extract"):
+            c, g = results["steps"][f"{job} cpu"]["seconds"], results["steps"][f"{job} gpu"]["seconds"]
+            print(f"{job:12} cpu {c:8.2f} s   {gpu} {g:8.2f} s   ×{c / g:.1f} faster")
         print("all checks pass" if all(c["pass"] for c in results["checks"].values()) else "SOME CHECKS FAIL")
     finally:
         shutil.rmtree(d, ignore_errors=True)
