@@ -26,17 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import child_main, cold, run_child  # noqa: E402
+from harness import child_main, cold, loratool, run_child  # noqa: E402
 
 HERE = Path(__file__).resolve()
-
-
-def _loratool(*args: str) -> None:
-    from loratool.cli import main
-
-    rc = main(list(args))
-    if rc:
-        raise SystemExit(rc)
 
 
 def cp_sync(base: str, lora: str, out: str) -> None:
@@ -45,19 +37,19 @@ def cp_sync(base: str, lora: str, out: str) -> None:
 
 
 def merge(base: str, lora: str, out: str) -> None:
-    _loratool("merge", base, f"{lora}:0.8", "-o", out, "--force", "--json")
+    loratool("merge", base, f"{lora}:0.8", "-o", out, "--force", "--json")
 
 
 def convert(base: str, lora: str, out: str) -> None:
-    _loratool("convert", base, out, "--to", "diffusers", "--force", "--json")
+    loratool("convert", base, out, "--to", "diffusers", "--force", "--json")
 
 
 def resize(base: str, lora: str, out: str) -> None:
-    _loratool("resize", lora, "--rank", "8", "-o", out, "--force", "--json")
+    loratool("resize", lora, "--rank", "8", "-o", out, "--force", "--json")
 
 
 def extract(base: str, tuned: str, out: str) -> None:
-    _loratool("extract", tuned, base, "--rank", "16", "-o", out, "--force", "--json")
+    loratool("extract", tuned, base, "--rank", "16", "-o", out, "--force", "--json")
 
 
 STEPS = {"cp_sync": cp_sync, "merge": merge, "convert": convert, "resize": resize, "extract": extract}

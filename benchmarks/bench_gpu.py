@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # support.synth: the file generator
 
-from harness import child_main, run_child  # noqa: E402
+from harness import child_main, loratool, run_child  # noqa: E402
 
 HERE = Path(__file__).resolve()
 RATIO, RANK, RANK_IN = 0.8, 32, 128
@@ -47,18 +47,6 @@ TOL_MERGE_FP32, TOL_LOWRANK = 1e-5, 1e-4
 
 
 # ----------------------------------------------------------------------------- steps (run in children)
-
-
-def _loratool(*args: str) -> None:
-    import contextlib
-    import io
-
-    from loratool.cli import main
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        rc = main(list(args))
-    if rc:
-        raise SystemExit(rc)
 
 
 def setup(d: str, arch: str, factor: str) -> dict:
@@ -78,21 +66,21 @@ def setup(d: str, arch: str, factor: str) -> dict:
 def merge(d: str, side: str, device: str, dtype: str) -> None:
     p = Path(d)
     extra = [] if dtype == "base" else ["--dtype", dtype]
-    _loratool("merge", str(p / "base.safetensors"), f"{p / 'lora32.safetensors'}:{RATIO}",
-              "-o", str(p / f"merged-{side}-{dtype}.safetensors"), "--device", device, *extra, "--force")
+    loratool("merge", str(p / "base.safetensors"), f"{p / 'lora32.safetensors'}:{RATIO}",
+              "-o", str(p / f"merged-{side}-{dtype}.safetensors"), "--device", device, *extra, "--force", quiet=True)
 
 
 def resize(d: str, side: str, device: str) -> None:
     p = Path(d)
-    _loratool("resize", str(p / "lora128.safetensors"), "-o", str(p / f"resized-{side}.safetensors"),
-              "--rank", str(RANK), "--device", device, "--dtype", "fp32", "--force")
+    loratool("resize", str(p / "lora128.safetensors"), "-o", str(p / f"resized-{side}.safetensors"),
+              "--rank", str(RANK), "--device", device, "--dtype", "fp32", "--force", quiet=True)
 
 
 def extract(d: str, side: str, device: str) -> None:
     p = Path(d)
-    _loratool("extract", str(p / "merged-cpu-base.safetensors"), str(p / "base.safetensors"),
+    loratool("extract", str(p / "merged-cpu-base.safetensors"), str(p / "base.safetensors"),
               "-o", str(p / f"extracted-{side}.safetensors"), "--rank", str(RANK), "--device", device,
-              "--dtype", "fp32", "--force")
+              "--dtype", "fp32", "--force", quiet=True)
 
 
 def gpu_name(device: str) -> dict:

@@ -49,6 +49,19 @@ def measured() -> Iterator[dict]:
         result["anon_mib"] = max(peak["anon"], rss_anon_kib()) / 1024
 
 
+def loratool(*args: str, quiet: bool = False) -> None:
+    """Run the loratool CLI in this process (``quiet``: its stdout discarded); a non-zero exit raises SystemExit."""
+    import contextlib
+    import io
+
+    from loratool.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        rc = main(list(args))
+    if rc:
+        raise SystemExit(rc)
+
+
 def child_main(steps: dict[str, Callable[..., object]], argv: list[str]) -> None:
     """Run ``steps[argv[0]](*argv[1:])`` measured, and print the measurement as the last stdout line."""
     import gc

@@ -37,20 +37,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # support.synth: the file generator
 
-from harness import child_main, cold, run_child, warm  # noqa: E402
+from harness import child_main, cold, loratool, run_child, warm  # noqa: E402
 
 HERE = Path(__file__).resolve()
 
 
 # ----------------------------------------------------------------------------- steps (run in children)
-
-
-def _loratool(*args: str) -> None:
-    from loratool.cli import main
-
-    rc = main(list(args))
-    if rc != 0:
-        raise SystemExit(rc)
 
 
 def _fsync(path: str) -> None:
@@ -63,11 +55,7 @@ def _fsync(path: str) -> None:
 
 
 def inspect_loratool(ckpt: str, lora: str, out: str) -> None:
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        _loratool("inspect", ckpt, "--json")
+    loratool("inspect", ckpt, "--json", quiet=True)
 
 
 def inspect_naive(ckpt: str, lora: str, out: str) -> None:
@@ -78,7 +66,7 @@ def inspect_naive(ckpt: str, lora: str, out: str) -> None:
 
 
 def convert_loratool(ckpt: str, lora: str, out: str) -> None:
-    _loratool("convert", ckpt, out, "--dtype", "bf16", "--force", "--json")
+    loratool("convert", ckpt, out, "--dtype", "bf16", "--force", "--json")
 
 
 def convert_naive(ckpt: str, lora: str, out: str) -> None:
@@ -91,7 +79,7 @@ def convert_naive(ckpt: str, lora: str, out: str) -> None:
 
 
 def merge_loratool(ckpt: str, lora: str, out: str) -> None:
-    _loratool("merge", ckpt, f"{lora}:0.8", "-o", out, "--force", "--json")
+    loratool("merge", ckpt, f"{lora}:0.8", "-o", out, "--force", "--json")
 
 
 def merge_naive(ckpt: str, lora: str, out: str) -> None:
