@@ -177,13 +177,21 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 
 def read_table(name: str) -> dict[str, TensorSpec]:
-    """A ``key<TAB>shape<TAB>dtype`` table from ``data/`` as ``{key: TensorSpec}``."""
+    """A ``key<TAB>shape<TAB>dtype`` table from ``data/`` as ``{key: TensorSpec}``.
+
+    Keys with the same shape and dtype share one (immutable) spec: a table has a few hundred distinct
+    specs for thousands of keys, and building each once keeps the first command's start-up short.
+    """
     out: dict[str, TensorSpec] = {}
+    specs: dict[tuple[str, str], TensorSpec] = {}
     for line in _read(name).splitlines():
         if not line:
             continue
         key, shape, dtype = line.split("\t")
-        out[key] = TensorSpec(_parse_shape(shape), dtype)
+        spec = specs.get((shape, dtype))
+        if spec is None:
+            spec = specs[(shape, dtype)] = TensorSpec(_parse_shape(shape), dtype)
+        out[key] = spec
     return out
 
 
