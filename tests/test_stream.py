@@ -229,3 +229,46 @@ def test_a_run_leaves_none_of_a_mapped_input_resident(tmp_path, monkeypatch, res
         for part, (a, b) in cuts.items():
             expected = t[a:b] * 2 if result == "new" else t[a:b]
             assert torch.equal(got.get(f"{k}.{part}"), expected.to(got.get(f"{k}.{part}").dtype))
+
+
+@pytest.mark.parametrize("job", ["merge", "convert bf16", "convert diffusers"])
+def test_reports_give_the_engines_budget_and_what_it_held(tmp_path, capsys, job):
+    import json
+
+    from loratool.cli import main
+
+    base = FIX / "sd15-tiny.safetensors"
+    out = tmp_path / ("out" if job == "convert diffusers" else "out.safetensors")
+    argv = {
+        "merge": ["merge", str(base), str(FIX / "sd15-lora-kohya.safetensors"), "-o", str(out)],
+        "convert bf16": ["convert", str(base), str(out), "--dtype", "bf16"],
+        "convert diffusers": ["convert", str(base), str(out), "--to", "diffusers"],
+    }[job]
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["stream"]
+    assert sorted(report) == ["budget_bytes", "largest_item_bytes", "peak_read_ahead_bytes", "peak_write_behind_bytes",
+                              "tensors_computed", "tensors_copied"]
+    assert report["budget_bytes"] == stream.DEFAULT_BUDGET
+    src = open_file(base)
+    if job == "convert diffusers":  # every written tensor went through the engine, one way or the other
+        written = sum(len(open_file(f).keys()) for f in out.rglob("*.safetensors"))
+        assert report["tensors_computed"] + report["tensors_copied"] == written
+        assert 0 < report["tensors_computed"] < written  # conv1x1 → linear reshapes computed, the rest copied raw
+    else:  # computed: the tensors whose bytes or dtype changed (read off the two files); copied: all the others
+        dst = open_file(out)
+        changed = [k for k in src.keys() if dst.spec(k).dtype != src.spec(k).dtype or not torch.equal(src.get(k), dst.get(k))]
+        assert report["tensors_computed"] == len(changed) and report["tensors_copied"] == len(src.keys()) - len(changed)
+        assert report["largest_item_bytes"] == max(max(src.spec(k).nbytes, dst.spec(k).nbytes) for k in changed)
+    bound = max(report["budget_bytes"], report["largest_item_bytes"])
+    assert 0 < report["peak_read_ahead_bytes"] <= bound and 0 < report["peak_write_behind_bytes"] <= bound
+
+
+def test_a_dry_run_streams_nothing(capsys):
+    import json
+
+    from loratool.cli import main
+
+    assert main(["merge", str(FIX / "sd15-tiny.safetensors"), str(FIX / "sd15-lora-kohya.safetensors"), "--dry-run",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stream"] is None

@@ -102,12 +102,34 @@ class _Budgeted:
 
 @dataclass
 class StreamStats:
-    """What a run did: tensors computed, tensors copied raw, and the peak bytes held in each queue."""
+    """What a run did: tensors computed, tensors copied raw, the byte budget of each queue, the peak bytes
+    each queue held, and the largest item (inputs or output; the one item allowed past a budget)."""
 
     computed: int = 0
     copied: int = 0
+    budget: int = 0
     peak_read_ahead: int = 0
     peak_write_behind: int = 0
+    largest_item: int = 0
+
+    def add(self, other: StreamStats) -> StreamStats:
+        """Two runs (one after the other) as one: counts added, budgets and peaks the larger."""
+        return StreamStats(
+            self.computed + other.computed, self.copied + other.copied, max(self.budget, other.budget),
+            max(self.peak_read_ahead, other.peak_read_ahead), max(self.peak_write_behind, other.peak_write_behind),
+            max(self.largest_item, other.largest_item),
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        """The ``stream`` object of the commands' ``--json`` reports (bytes; stable keys)."""
+        return {
+            "tensors_computed": self.computed,
+            "tensors_copied": self.copied,
+            "budget_bytes": self.budget,
+            "peak_read_ahead_bytes": self.peak_read_ahead,
+            "peak_write_behind_bytes": self.peak_write_behind,
+            "largest_item_bytes": self.largest_item,
+        }
 
 
 def _shares_memory(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
@@ -134,7 +156,7 @@ def run(
 
     The writers must already be open; finalizing them is the caller's job. Raises whatever a stage raised.
     """
-    stats = StreamStats()
+    stats = StreamStats(budget=budget)
     ahead, behind = _Budgeted(budget), _Budgeted(budget)
     errors: list[BaseException] = []
     raw = [_raw_copyable(source, it) for it in items]
@@ -143,6 +165,7 @@ def run(
     for i, (it, rng) in enumerate(zip(items, raw)):
         if rng is None:
             last_use.update((k, i) for k in it.inputs)
+    largest = [0]  # the reader's largest item, in bytes
     dropped_after: dict[int, list[str]] = {}
     for k, i in last_use.items():
         dropped_after.setdefault(i, []).append(k)
@@ -166,7 +189,9 @@ def run(
                     if last is None or last[0] != key:
                         last = (key, read(key))
                     tensors.append(last[1])
-                ahead.put(tensors, it.nbytes or sum(t.numel() * t.element_size() for t in tensors))
+                nbytes = it.nbytes or sum(t.numel() * t.element_size() for t in tensors)
+                largest[0] = max(largest[0], nbytes)
+                ahead.put(tensors, nbytes)
         except _Stop:
             pass
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
@@ -213,7 +238,9 @@ def run(
                     for key in dropped_after.pop(n - 1):  # computed into new memory: unmapped now, not once written
                         source.drop(key)
                 del tensors
-                behind.put((n - 1, it, out, None), out.numel() * out.element_size())
+                nbytes = out.numel() * out.element_size()
+                stats.largest_item = max(stats.largest_item, nbytes)
+                behind.put((n - 1, it, out, None), nbytes)
                 del out
                 stats.computed += 1
             if on_progress:
@@ -232,4 +259,5 @@ def run(
     if errors:
         raise errors[0]
     stats.peak_read_ahead, stats.peak_write_behind = ahead.peak, behind.peak
+    stats.largest_item = max(stats.largest_item, largest[0])
     return stats

@@ -37,6 +37,7 @@ class ComponentsReport:
     direction: str  # split | join
     files: tuple[tuple[str, str, int], ...]
     dtype: str | None
+    stream: stream.StreamStats | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -45,6 +46,7 @@ class ComponentsReport:
             "direction": self.direction,
             "dtype": self.dtype,
             "files": [{"component": c, "path": p, "tensors": n} for c, p, n in self.files],
+            "stream": self.stream.to_dict() if self.stream is not None else None,
         }
 
 
@@ -110,11 +112,11 @@ def split_components(source: TensorSource, out: str | os.PathLike, dtype: str | 
             writers.append((w, meta))
             items += [stream.Item(w, n, (k,)) for n, k in names.items()]
             files.append((comp, str(folder.path / fname), len(names)))
-        stream.run(source, items, on_progress=on_progress)
+        stats = stream.run(source, items, on_progress=on_progress)
         for w, meta in writers:
             w.finalize(meta)
         folder.commit()
-    return ComponentsReport(str(source.path), str(Path(out)), "split", tuple(files), dtype)
+    return ComponentsReport(str(source.path), str(Path(out)), "split", tuple(files), dtype, stats)
 
 
 def _check_component(comp: str, source: TensorSource) -> None:
@@ -166,6 +168,7 @@ def join_components(parts: dict[str, TensorSource], out: str | os.PathLike, dtyp
     with SafetensorsWriter(out, specs, metadata, inputs=[s.path for s in parts.values()], force=force) as w:
         done = 0
         total = len(plan)
+        stats = stream.StreamStats()
         for comp, src in parts.items():
             items = [stream.Item(w, key, (name,)) for c, key, name in plan if c == comp]
 
@@ -173,11 +176,11 @@ def join_components(parts: dict[str, TensorSource], out: str | os.PathLike, dtyp
                 if on_progress:
                     on_progress(base + i, total, label)
 
-            stream.run(src, items, on_progress=progress)
+            stats = stats.add(stream.run(src, items, on_progress=progress))
             done += len(items)
         w.finalize(metadata)
     files = tuple((c, str(s.path), len(s.keys())) for c, s in parts.items())
-    return ComponentsReport(", ".join(str(s.path) for s in parts.values()), str(out), "join", files, dtype)
+    return ComponentsReport(", ".join(str(s.path) for s in parts.values()), str(out), "join", files, dtype, stats)
 
 
 __all__ = ["ComponentsReport", "component_name", "join_components", "joined_key", "split_components",

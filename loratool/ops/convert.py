@@ -110,6 +110,7 @@ class ConvertReport:
     modules: tuple[ModuleResult, ...] = ()
     max_rel_error: float = 0.0
     notes: tuple[str, ...] = ()
+    stream: stream.StreamStats | None = None  # the streaming engine's budget and peaks (streamed copies only)
 
     def to_dict(self) -> dict:
         pruned: dict[str, list[str]] = {}
@@ -151,6 +152,7 @@ class ConvertReport:
             ],
             "max_rel_error": self.max_rel_error,
             "notes": list(self.notes),
+            "stream": self.stream.to_dict() if self.stream is not None else None,
         }
 
 
@@ -276,7 +278,7 @@ def _copy(
         items = [stream.Item(writer, k, (k,), (lambda _t, a=alphas[k]: a) if k in alphas else None) for k in kept
                  if k not in fns]
         items += [stream.Item(writer, k, inputs, fn) for k, (inputs, fn) in fns.items()]
-        stream.run(source, items, on_progress=on_progress)
+        stats = stream.run(source, items, on_progress=on_progress)
         clamped = [(k, n) for k, n in writer.clamped.items()]
         if fresh:
             metadata = _rehash_cast(metadata, source, kept, specs, alphas)
@@ -299,6 +301,7 @@ def _copy(
         clamped=tuple(clamped),
         kept_dtype=tuple(kept_dtype),
         notes=tuple(notes),
+        stream=stats,
     )
 
 

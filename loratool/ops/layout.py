@@ -69,6 +69,7 @@ class CheckpointConvertReport:
     omitted: tuple[tuple[str, str], ...] = ()
     transforms: dict[str, int] = field(default_factory=dict)
     files: tuple[str, ...] = ()
+    stream: stream.StreamStats | None = None
 
     def as_dict(self) -> dict:
         """Plain JSON-ready dict (lists of ``{"key", "reason"}`` for dropped/omitted keys)."""
@@ -77,6 +78,7 @@ class CheckpointConvertReport:
             out[name] = [{"key": k, "reason": why} for k, why in getattr(self, name)]
         for name in ("missing", "unmapped", "files"):
             out[name] = list(getattr(self, name))
+        out["stream"] = self.stream.to_dict() if self.stream is not None else None
         return out
 
 
@@ -149,9 +151,10 @@ def convert_checkpoint(
             raise MappingError(f"{src.path}: nothing to convert", hint="is this a full SD checkpoint?")
         inputs = [src.path]
         if to == "ldm":
-            files, nbytes = _write_single(src, Path(out), plan, inputs, force, on_progress)
+            files, nbytes, stats = _write_single(src, Path(out), plan, inputs, force, on_progress)
         else:
-            files, nbytes = _write_folder(src, Path(out), plan, match.arch, inputs, force, on_progress, prediction_type)
+            files, nbytes, stats = _write_folder(src, Path(out), plan, match.arch, inputs, force, on_progress,
+                                                 prediction_type)
     finally:
         if own:
             src.close()
@@ -174,6 +177,7 @@ def convert_checkpoint(
         omitted=tuple(sorted(_one_sided_table(match.arch, to).items())),
         transforms=dict(sorted(transforms.items())),
         files=tuple(files),
+        stream=stats,
     )
 
 
@@ -291,7 +295,9 @@ def _inputs(group: tuple[KeyLink, ...]) -> tuple[str, ...]:
 SINGLE_FILE_METADATA = "loratool.single_file_metadata"
 
 
-def _write_single(src, out: Path, plan: list[_Item], inputs, force: bool, on_progress: Progress | None) -> tuple[list[str], int]:
+def _write_single(
+    src, out: Path, plan: list[_Item], inputs, force: bool, on_progress: Progress | None,
+) -> tuple[list[str], int, stream.StreamStats]:
     for inp in inputs:
         if Path(inp).is_dir() and Path(inp).resolve() in out.resolve().parents:
             raise OutputError(f"output {out} is inside the input folder {inp}", hint="write it outside the diffusers folder")
@@ -300,22 +306,22 @@ def _write_single(src, out: Path, plan: list[_Item], inputs, force: bool, on_pro
     metadata = json.loads(recorded) if recorded is not None else {"format": "pt"}  # the original file's, if we wrote it
     with SafetensorsWriter(out, specs, metadata, inputs=inputs, force=force) as w:
         items = [stream.Item(w, it.key, _inputs(it.links), _to_ldm(it.links)) for it in plan]
-        stream.run(src, items, on_progress=on_progress)
+        stats = stream.run(src, items, on_progress=on_progress)
         w.finalize()
-    return [out.name], sum(s.nbytes for s in specs.values())
+    return [out.name], sum(s.nbytes for s in specs.values()), stats
 
 
 def _write_folder(
     src, out: Path, plan: list[_Item], arch: str, inputs, force: bool, on_progress: Progress | None,
     prediction_type: str | None = None,
-) -> tuple[list[str], int]:
+) -> tuple[list[str], int, stream.StreamStats]:
     with FolderOutput(out, inputs, force) as folder:
-        files = _fill_folder(src, folder.tmp, plan, arch, on_progress, prediction_type)
-    return files, sum(it.spec.nbytes for it in plan)
+        files, stats = _fill_folder(src, folder.tmp, plan, arch, on_progress, prediction_type)
+    return files, sum(it.spec.nbytes for it in plan), stats
 
 
 def _fill_folder(src, root: Path, plan: list[_Item], arch: str, on_progress: Progress | None,
-                 prediction_type: str | None = None) -> list[str]:
+                 prediction_type: str | None = None) -> tuple[list[str], stream.StreamStats]:
     by_comp: dict[str, list[_Item]] = {}
     for it in plan:
         by_comp.setdefault(it.key.split("/", 1)[0], []).append(it)
@@ -337,16 +343,16 @@ def _fill_folder(src, root: Path, plan: list[_Item], arch: str, on_progress: Pro
                 else:
                     items.append(stream.Item(w, name, (it.key,)))
             files.append(f"{comp}/{path.name}")
-        stream.run(src, items, on_progress=on_progress)
+        stats = stream.run(src, items, on_progress=on_progress)
         for w in {id(i.writer): i.writer for i in items}.values():
             w.finalize()
     keys = set(src.keys())
     if arch == "flux1":
-        return files + _write_flux_config(root, src, specs_by_comp)
+        return files + _write_flux_config(root, src, specs_by_comp), stats
     betas = src.get("betas") if "betas" in keys else None
     prediction = prediction_type or default_prediction_type(arch, keys)
     files += write_pipeline_files(root, arch, specs_by_comp, betas, prediction)
-    return files
+    return files, stats
 
 
 def _write_flux_config(root: Path, src, specs_by_comp: dict[str, dict[str, TensorSpec]]) -> list[str]:

@@ -132,6 +132,7 @@ class MergeReport:
     keys_total: int
     seconds: float
     dry_run: bool
+    stream: stream.StreamStats | None = None  # the streaming engine's budget and peaks (None for a dry run)
 
 
 def plan_checkpoint_merge(
@@ -351,13 +352,13 @@ def merge_into_checkpoint(
 
         items = [stream.Item(writers[k][0], writers[k][1], (k,), merged(k) if k in by_key else None, specs[k].nbytes)
                  for k in specs]
-        stream.run(base_source, items, on_progress=on_progress)
+        stats = stream.run(base_source, items, on_progress=on_progress)
         for fw in files:
             fw.finalize(fw.metadata if isinstance(fw, SafetensorsWriter) else None)
     path = Path(out)
     return MergeReport(
         str(path), match.arch, match.naming, names, tuple(plan), tuple(unmapped), changed, total,
-        round(time.perf_counter() - start, 3), False,
+        round(time.perf_counter() - start, 3), False, stats,
     )
 
 

@@ -20,6 +20,8 @@ def report_dict(report) -> dict:
             if key in data:
                 reasons = sorted({r for _, r in data[key]})
                 data[key] = {"count": len(data[key]), "examples": [k for k, _ in data[key][:5]], "reasons": reasons}
+        if "stream" in data:  # the engine's own key names (bytes), as in every command's report
+            data["stream"] = report.stream.to_dict() if report.stream is not None else None
         return data
     return dict(report)
 

@@ -36,6 +36,7 @@ def checkpoint_report(report: MergeReport, as_json: bool = False) -> None:
                 "changed_keys": len(report.changed),
                 "keys_total": report.keys_total,
                 "seconds": report.seconds,
+                "stream": report.stream.to_dict() if report.stream is not None else None,
             }
         )
         return
