@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # support.synth: the file generator
 
-from harness import child_main, loratool, run_child  # noqa: E402
+from harness import child_main, compare_checkpoints, loratool, run_child  # noqa: E402
 
 HERE = Path(__file__).resolve()
 RATIO, RANK, RANK_IN = 0.8, 32, 128
@@ -96,46 +96,6 @@ STEPS = {"setup": setup, "merge": merge, "resize": resize, "extract": extract, "
 
 
 # ----------------------------------------------------------------------------- comparisons (this process)
-
-
-def _ordered(t):
-    """IEEE bit patterns as integers in value order (adjacent floats differ by 1), for ulp distances."""
-    import torch
-
-    bits = {2: torch.int16, 4: torch.int32}[t.element_size()]
-    x = t.contiguous().view(bits).long()
-    sign = 1 << (8 * t.element_size() - 1)
-    return torch.where(x < 0, -(x + sign), x)
-
-
-def compare_checkpoints(a: Path, b: Path) -> dict:
-    """Key by key: the largest ulp distance, the largest relative Frobenius error, and how many elements differ."""
-    import torch
-
-    from loratool.io.source import open_file
-
-    worst_ulp, worst_rel, differing, total, keys = 0, 0.0, 0, 0, 0
-    with open_file(a) as sa, open_file(b) as sb:
-        if sorted(sa.keys()) != sorted(sb.keys()):
-            return {"error": "the two files hold different keys"}
-        for k in sa.keys():
-            x, y = sa.get(k), sb.get(k)
-            if x.dtype != y.dtype or x.shape != y.shape:
-                return {"error": f"{k}: {x.dtype}{tuple(x.shape)} against {y.dtype}{tuple(y.shape)}"}
-            keys += 1
-            total += x.numel()
-            if torch.equal(x, y):  # most tensors: passed through unchanged, or computed to the same bits
-                continue
-            differing += int((x != y).sum())
-            if not x.is_floating_point():
-                continue
-            if x.element_size() in (2, 4):
-                worst_ulp = max(worst_ulp, int((_ordered(x) - _ordered(y)).abs().max()))
-            xf, yf = x.float(), y.float()  # the difference of two close floats is exact in float32
-            ref = float(torch.linalg.vector_norm(yf))
-            err = float(torch.linalg.vector_norm(xf - yf))
-            worst_rel = max(worst_rel, err / ref if ref else (0.0 if err == 0 else float("inf")))
-    return {"keys": keys, "elements": total, "differing": differing, "max_ulp": worst_ulp, "max_rel_fro": worst_rel}
 
 
 def _modules(src) -> dict[str, str]:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 def rss_anon_kib() -> int:
@@ -49,17 +50,22 @@ def measured() -> Iterator[dict]:
         result["anon_mib"] = max(peak["anon"], rss_anon_kib()) / 1024
 
 
-def loratool(*args: str, quiet: bool = False) -> None:
-    """Run the loratool CLI in this process (``quiet``: its stdout discarded); a non-zero exit raises SystemExit."""
+def loratool(*args: str, quiet: bool = False) -> str:
+    """Run the loratool CLI in this process and return what it printed (``quiet``: not printed too); a non-zero
+    exit raises SystemExit."""
     import contextlib
     import io
 
     from loratool.cli import main
 
-    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
         rc = main(list(args))
+    if not quiet:
+        sys.stdout.write(out.getvalue())
     if rc:
         raise SystemExit(rc)
+    return out.getvalue()
 
 
 def child_main(steps: dict[str, Callable[..., object]], argv: list[str]) -> None:
@@ -103,3 +109,51 @@ def warm(path: str) -> None:
     with open(path, "rb") as fh:
         while fh.read(1 << 24):
             pass
+
+
+def _ordered(t):
+    """IEEE bit patterns as integers in value order (adjacent floats differ by 1), for ulp distances."""
+    import torch
+
+    bits = {2: torch.int16, 4: torch.int32}[t.element_size()]
+    x = t.contiguous().view(bits).long()
+    sign = 1 << (8 * t.element_size() - 1)
+    return torch.where(x < 0, -(x + sign), x)
+
+
+def compare_checkpoints(a: Path, b: Path, same_keys: bool = True) -> dict:
+    """Key by key: the largest ulp distance, the largest relative Frobenius error, and how many elements differ.
+
+    ``same_keys``: two files with different key sets are an error; else the keys both hold are compared and
+    the others counted (``only_a``, ``only_b``: a peer tool may drop or add keys).
+    """
+    import torch
+
+    from loratool.io.source import open_file
+
+    worst_ulp, worst_rel, differing, total, keys = 0, 0.0, 0, 0, 0
+    with open_file(a) as sa, open_file(b) as sb:
+        ka, kb = set(sa.keys()), set(sb.keys())
+        if same_keys and ka != kb:
+            return {"error": "the two files hold different keys"}
+        for k in sorted(ka & kb):
+            x, y = sa.get(k), sb.get(k)
+            if x.dtype != y.dtype or x.shape != y.shape:
+                return {"error": f"{k}: {x.dtype}{tuple(x.shape)} against {y.dtype}{tuple(y.shape)}"}
+            keys += 1
+            total += x.numel()
+            if torch.equal(x, y):  # most tensors: passed through unchanged, or computed to the same bits
+                continue
+            differing += int((x != y).sum())
+            if not x.is_floating_point():
+                continue
+            if x.element_size() in (2, 4):
+                worst_ulp = max(worst_ulp, int((_ordered(x) - _ordered(y)).abs().max()))
+            xf, yf = x.float(), y.float()  # the difference of two close floats is exact in float32
+            ref = float(torch.linalg.vector_norm(yf))
+            err = float(torch.linalg.vector_norm(xf - yf))
+            worst_rel = max(worst_rel, err / ref if ref else (0.0 if err == 0 else float("inf")))
+    result = {"keys": keys, "elements": total, "differing": differing, "max_ulp": worst_ulp, "max_rel_fro": worst_rel}
+    if not same_keys:
+        result.update(only_a=len(ka - kb), only_b=len(kb - ka))
+    return result
