@@ -124,20 +124,24 @@ def _ordered(t):
 def compare_checkpoints(a: Path, b: Path, same_keys: bool = True) -> dict:
     """Key by key: the largest ulp distance, the largest relative Frobenius error, and how many elements differ.
 
-    ``same_keys``: two files with different key sets are an error; else the keys both hold are compared and
-    the others counted (``only_a``, ``only_b``: a peer tool may drop or add keys).
+    ``same_keys``: two files with different key sets, or a tensor in two dtypes, are an error; else the keys
+    both hold in the same dtype are compared and the others counted (``only_a``, ``only_b``, ``other_dtype``: a
+    peer tool may drop or add keys, or store buffers such as ``alphas_cumprod`` in another dtype).
     """
     import torch
 
     from loratool.io.source import open_file
 
-    worst_ulp, worst_rel, differing, total, keys = 0, 0.0, 0, 0, 0
+    worst_ulp, worst_rel, differing, total, keys, other_dtype = 0, 0.0, 0, 0, 0, 0
     with open_file(a) as sa, open_file(b) as sb:
         ka, kb = set(sa.keys()), set(sb.keys())
         if same_keys and ka != kb:
             return {"error": "the two files hold different keys"}
         for k in sorted(ka & kb):
             x, y = sa.get(k), sb.get(k)
+            if x.dtype != y.dtype and x.shape == y.shape and not same_keys:
+                other_dtype += 1
+                continue
             if x.dtype != y.dtype or x.shape != y.shape:
                 return {"error": f"{k}: {x.dtype}{tuple(x.shape)} against {y.dtype}{tuple(y.shape)}"}
             keys += 1
@@ -155,5 +159,5 @@ def compare_checkpoints(a: Path, b: Path, same_keys: bool = True) -> dict:
             worst_rel = max(worst_rel, err / ref if ref else (0.0 if err == 0 else float("inf")))
     result = {"keys": keys, "elements": total, "differing": differing, "max_ulp": worst_ulp, "max_rel_fro": worst_rel}
     if not same_keys:
-        result.update(only_a=len(ka - kb), only_b=len(kb - ka))
+        result.update(only_a=len(ka - kb), only_b=len(kb - ka), other_dtype=other_dtype)
     return result

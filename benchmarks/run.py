@@ -241,9 +241,10 @@ def _agreement(folder: Path, arch: str) -> list[str]:
             if "error" in c:
                 lines.append(f"{arch} merge {kind} vs loratool: {c['error']}")
             else:
-                lines.append(f"{arch} merge {kind} vs loratool: {c['keys']} common keys ({c['only_a']} only in {kind}'s,"
-                             f" {c['only_b']} only in ours), {c['differing']} of {c['elements']} elements differ,"
-                             f" at most {c['max_ulp']} fp16 steps (max relative Frobenius error {c['max_rel_fro']:.1e})")
+                lines.append(f"{arch} merge {kind} vs loratool: {c['keys']} keys compared ({c['only_a']} only in {kind}'s,"
+                             f" {c['only_b']} only in ours, {c['other_dtype']} in another dtype), {c['differing']} of"
+                             f" {c['elements']} elements differ, at most {c['max_ulp']} fp16 steps (max relative Frobenius"
+                             f" error {c['max_rel_fro']:.1e})")
     for kept in folder.glob("kept-*"):
         kept.unlink()
     return lines
