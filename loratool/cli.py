@@ -11,6 +11,7 @@ import sys
 import click
 
 from .errors import LoratoolError
+from .runtime import reuse_freed_memory
 
 # command name → (module under loratool.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     # next to another CPU job, spinning threads made 2-thread work up to 30x slower on a 2-core machine.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _freeze_torch_when_imported()
+    reuse_freed_memory()
     debug = "--debug" in args[: next((i for i, a in enumerate(args) if a in COMMANDS), len(args))]
     previous = _install_signal_handlers()
     try:

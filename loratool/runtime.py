@@ -138,3 +138,39 @@ def split_rows(rows: int, step: int, fn, workers: int | None = None) -> list:
     finally:
         wait(futures)  # every run has ended, even when ours failed
     return [first, *(f.result() for f in futures)]
+
+
+#: glibc's ``mallopt`` parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_malloc_tuned = False
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc's malloc keep freed blocks for reuse instead of giving them back to the kernel (the CLI
+    calls it once, before torch loads). Returns whether the setting was applied.
+
+    By default glibc serves each block of 32 MiB or more (most weights of a checkpoint, and the outputs of a
+    merge or cast) with a fresh ``mmap`` and unmaps it on free: every page of every output tensor is then
+    faulted in and zeroed by the kernel anew. Served from the heap (``M_MMAP_MAX`` 0) and with the heap not
+    trimmed below 1 GiB of free space (``M_TRIM_THRESHOLD``), the streaming engine's short-lived buffers
+    reuse the same pages: measured on the 2-core machine (warm SD1.5 merge, medians of 5), system CPU
+    2.26 → 1.73 s and wall 2.64 → 2.23 s; peak RSS +50 MiB. A process whose environment sets glibc's own
+    ``MALLOC_MMAP_MAX_`` or ``MALLOC_TRIM_THRESHOLD_`` keeps its choice; other C libraries are left alone.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return True
+    if any(k in os.environ for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    _malloc_tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    return _malloc_tuned

@@ -161,3 +161,23 @@ def test_process_exit_after_torch_keeps_output_exit_code_and_freezes_torch(tmp_p
             f"'-o', {str(tmp_path / 'r.safetensors')!r}])\nprint(rc, gc.get_freeze_count() > 10000)\n")
     last = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout.splitlines()[-1]
     assert last.split() == ["0", "True"]
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+@pytest.mark.parametrize("env", ["", "MALLOC_MMAP_MAX_"])
+def test_the_cli_serves_large_blocks_from_the_reused_heap(env):
+    """After the CLI's start, a 64 MiB block comes from malloc's heap, not a fresh mmap (glibc's mallinfo2
+    counts mmapped bytes in hblkhd), so freed output buffers are reused; a user's own MALLOC_MMAP_MAX_ wins."""
+    import subprocess
+    import sys
+
+    code = ("import ctypes\nfrom loratool.cli import main\nmain(['--help'])\n"
+            "class Info(ctypes.Structure):\n    _fields_ = [(n, ctypes.c_size_t) for n in "
+            "('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+            "libc = ctypes.CDLL(None)\nlibc.mallinfo2.restype = Info\nlibc.malloc.restype = ctypes.c_void_p\n"
+            "before = libc.mallinfo2().hblkhd\np = libc.malloc(64 << 20)\nprint(libc.mallinfo2().hblkhd - before)\n")
+    extra = {env: "65536"} if env else {}
+    env_vars = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**env_vars, **extra})
+    mapped = int(r.stdout.splitlines()[-1])
+    assert (mapped >= 64 << 20) if env else mapped == 0, r.stdout
