@@ -2,7 +2,7 @@
 
     python benchmarks/bench_resize_extract.py [--keep DIR] [--sample N] [--threads T]
 
-Each step runs in its own subprocess and reports wall time, peak RSS (``ru_maxrss``, which also counts
+Each step runs in its own subprocess and reports wall time, peak RSS (``VmHWM``, which also counts
 resident pages of memory-mapped inputs) and peak anonymous RSS (``RssAnon`` sampled every 5 ms).
 
 Baselines are the naive way: form the dense ΔW (``up @ down`` for resize, ``tuned − base`` for extract)

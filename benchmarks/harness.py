@@ -1,8 +1,10 @@
 """Measurement helpers shared by the benchmark scripts: each measured step runs in its own process.
 
-Reported per step: wall seconds, peak RSS (``ru_maxrss``: includes resident pages of memory-mapped
+Reported per step: wall seconds, peak RSS (``VmHWM``: includes resident pages of memory-mapped
 inputs, which the kernel can drop) and peak anonymous RSS (``RssAnon`` sampled every 5 ms: the
-memory the process itself allocated — the number that bounds what a merge needs).
+memory the process itself allocated — the number that bounds what a merge needs). ``VmHWM``, not
+``ru_maxrss``: Linux carries ``ru_maxrss`` over ``fork`` + ``exec``, so a child started by a driver that
+holds 1.4 GB reported 1.4 GB whatever it did (the SDXL rows of run.py's tables before 2026-12-03).
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def rss_anon_kib() -> int:
+def _status_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("RssAnon:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def rss_anon_kib() -> int:
+    return _status_kib("RssAnon")
 
 
 @contextmanager
@@ -46,7 +52,7 @@ def measured() -> Iterator[dict]:
     finally:
         result["seconds"] = time.perf_counter() - start
         stop.set()
-        result["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["maxrss_mib"] = (_status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
         result["anon_mib"] = max(peak["anon"], rss_anon_kib()) / 1024
 
 
