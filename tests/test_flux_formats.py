@@ -343,6 +343,23 @@ def test_comfyui_all_in_one_splits_into_component_files_and_joins_back(base, tmp
     assert main(["inspect", str(parts / "transformer.safetensors")]) == 0
 
 
+def test_split_and_join_report_every_tensor_streamed(base, tmp_path, capsys):
+    """The join streams four files one after the other: its report adds their runs up (each tensor copied raw)."""
+    import json
+
+    path, tensors = _all_in_one(base, tmp_path)
+    parts = tmp_path / "parts"
+    capsys.readouterr()
+    assert main(["convert", str(path), str(parts), "--to", "components", "--json"]) == 0
+    split = json.loads(capsys.readouterr().out)["stream"]
+    assert main(["convert", str(parts / "transformer.safetensors"), str(tmp_path / "j.safetensors"), "--to", "comfyui",
+                 "--clip-l", str(parts / "clip_l.safetensors"), "--t5", str(parts / "t5xxl.safetensors"),
+                 "--vae", str(parts / "ae.safetensors"), "--json"]) == 0
+    join = json.loads(capsys.readouterr().out)["stream"]
+    for report in (split, join):
+        assert (report["tensors_copied"], report["tensors_computed"]) == (len(tensors), 0)
+
+
 def test_component_files_are_checked_and_stray_keys_refused(base, tmp_path, capsys):
     path, tensors = _all_in_one(base, tmp_path)
     parts = tmp_path / "parts"
