@@ -132,6 +132,11 @@ class StreamStats:
         }
 
 
+def stream_json(stats: StreamStats | None) -> dict[str, int] | None:
+    """The ``stream`` value of a report's ``--json``: :meth:`StreamStats.to_dict`, or None when nothing streamed."""
+    return stats.to_dict() if stats is not None else None
+
+
 def _shares_memory(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
     ptr = out.untyped_storage().data_ptr()
     return any(t.untyped_storage().data_ptr() == ptr for t in inputs)

@@ -46,7 +46,7 @@ class ComponentsReport:
             "direction": self.direction,
             "dtype": self.dtype,
             "files": [{"component": c, "path": p, "tensors": n} for c, p, n in self.files],
-            "stream": self.stream.to_dict() if self.stream is not None else None,
+            "stream": stream.stream_json(self.stream),
         }
 
 

@@ -152,7 +152,7 @@ class ConvertReport:
             ],
             "max_rel_error": self.max_rel_error,
             "notes": list(self.notes),
-            "stream": self.stream.to_dict() if self.stream is not None else None,
+            "stream": stream.stream_json(self.stream),
         }
 
 

@@ -78,7 +78,7 @@ class CheckpointConvertReport:
             out[name] = [{"key": k, "reason": why} for k, why in getattr(self, name)]
         for name in ("missing", "unmapped", "files"):
             out[name] = list(getattr(self, name))
-        out["stream"] = self.stream.to_dict() if self.stream is not None else None
+        out["stream"] = stream.stream_json(self.stream)
         return out
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, is_dataclass
 from rich.markup import escape
 from rich.table import Table
 
+from ..io.stream import stream_json
 from .common import print_json, stdout
 
 
@@ -21,7 +22,7 @@ def report_dict(report) -> dict:
                 reasons = sorted({r for _, r in data[key]})
                 data[key] = {"count": len(data[key]), "examples": [k for k, _ in data[key][:5]], "reasons": reasons}
         if "stream" in data:  # the engine's own key names (bytes), as in every command's report
-            data["stream"] = report.stream.to_dict() if report.stream is not None else None
+            data["stream"] = stream_json(report.stream)
         return data
     return dict(report)
 

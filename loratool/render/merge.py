@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+from ..io.stream import stream_json
 from ..ops.merge import AdapterMergeReport, MergeReport
 from .common import print_json, stdout
 
@@ -36,7 +37,7 @@ def checkpoint_report(report: MergeReport, as_json: bool = False) -> None:
                 "changed_keys": len(report.changed),
                 "keys_total": report.keys_total,
                 "seconds": report.seconds,
-                "stream": report.stream.to_dict() if report.stream is not None else None,
+                "stream": stream_json(report.stream),
             }
         )
         return
